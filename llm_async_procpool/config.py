@@ -1,0 +1,72 @@
+"""Where configuration is read: the ``LLM_ASYNC_POOL*`` environment variables.
+
+Settings are read when a prompt runs, not when models are registered, so a
+bad value never breaks ``llm models``; it fails the prompt with an error that
+names the variable, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .errors import PoolConfigError
+
+POOL_KINDS = ("process", "thread")
+DEFAULT_GRACE = 3.0
+DEFAULT_IDLE_TIMEOUT = 300.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One pool configuration; equal settings share one live pool."""
+
+    kind: str = "process"
+    workers: int = 1
+    timeout: float | None = None
+    grace: float = DEFAULT_GRACE
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    max_tasks: int | None = None
+
+
+def default_workers() -> int:
+    return os.cpu_count() or 1
+
+
+def load(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate every ``LLM_ASYNC_POOL*`` variable."""
+    env = os.environ if environ is None else environ
+    kind = env.get("LLM_ASYNC_POOL", "").strip().lower() or "process"
+    if kind not in POOL_KINDS:
+        raise PoolConfigError(
+            f"LLM_ASYNC_POOL={env['LLM_ASYNC_POOL']!r} is not valid: "
+            f"use one of {', '.join(POOL_KINDS)} (default: process)"
+        )
+    return Settings(
+        kind=kind,
+        workers=_number(env, "LLM_ASYNC_POOL_WORKERS", int, default_workers()),
+        timeout=_number(env, "LLM_ASYNC_POOL_TIMEOUT", float, None),
+        grace=_number(env, "LLM_ASYNC_POOL_GRACE", float, DEFAULT_GRACE, zero_ok=True),
+        idle_timeout=_number(
+            env, "LLM_ASYNC_POOL_IDLE_TIMEOUT", float, DEFAULT_IDLE_TIMEOUT
+        ),
+        max_tasks=_number(env, "LLM_ASYNC_POOL_MAX_TASKS", int, None),
+    )
+
+
+def _number(env, name, kind, default, zero_ok=False):
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    what = "an integer" if kind is int else "a number of seconds"
+    bound = ">= 0" if zero_ok else "> 0"
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or value != value or value < 0 or (value == 0 and not zero_ok):
+        raise PoolConfigError(
+            f"{name}={raw!r} is not valid: use {what} {bound}, or unset it"
+        )
+    return value

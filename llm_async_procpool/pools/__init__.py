@@ -1,0 +1,65 @@
+"""The one registry of live pools, keyed by their settings.
+
+``llm.get_async_model()`` builds new model objects on every call, so pools
+cannot live on a twin: they live here, one per distinct ``Settings``, and are
+shut down at interpreter exit before ``concurrent.futures`` joins its threads.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from ..config import Settings
+from .base import Pool, WorkerInfo
+
+__all__ = ["Pool", "WorkerInfo", "get_pool", "live_pools", "shutdown_pools"]
+
+_live: dict[Settings, Pool] = {}
+_lock = threading.Lock()
+_exit_hook_installed = False
+
+
+def get_pool(settings: Settings) -> Pool:
+    global _exit_hook_installed
+    with _lock:
+        pool = _live.get(settings)
+        if pool is None:
+            if settings.kind == "process":
+                from .process import ProcessPool as kind
+            else:
+                from .thread import ThreadPool as kind
+            pool = _live[settings] = kind(settings)
+            if not _exit_hook_installed:
+                _install_exit_hook()
+                _exit_hook_installed = True
+        return pool
+
+
+def live_pools() -> list[Pool]:
+    with _lock:
+        return list(_live.values())
+
+
+def shutdown_pools(timeout: float = 5.0) -> None:
+    """Stop every live pool; the next prompt starts a fresh one."""
+    with _lock:
+        pools = list(_live.values())
+        _live.clear()
+    for pool in pools:
+        pool.shutdown(timeout)
+
+
+def _install_exit_hook() -> None:
+    # Must run before concurrent.futures' own exit hooks, which would wait
+    # forever on each serve() task. Exit hooks run last-in, first-out, so
+    # import those modules (registering theirs) before registering ours.
+    import concurrent.futures.process  # noqa: F401
+    import concurrent.futures.thread  # noqa: F401
+
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        register(shutdown_pools)
+    else:  # pragma: no cover - CPython has had it since 3.9
+        import atexit
+
+        atexit.register(shutdown_pools)

@@ -1,0 +1,106 @@
+"""Where the async twin is made: an ``llm.AsyncModel`` that runs a sync model in a pool.
+
+The twin looks like the sync model to every caller (id, capabilities, the
+``Options`` class, ``str()``, any extra attribute), so options are validated
+in the parent with the model's own class. Its ``execute()`` ships the prompt
+to a pool and replays what comes back onto the ``AsyncResponse``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import llm
+
+from . import config
+from .errors import RemoteTraceback
+from .messages import Chunks, Done
+from .pools import get_pool
+from .wire import apply_state, encode_job
+
+MIRRORED = (
+    "model_id",
+    "can_stream",
+    "attachment_types",
+    "supports_schema",
+    "supports_tools",
+    "supports_conversation",
+    "needs_key",
+    "key_env_var",
+    "key",
+)
+
+
+class _Twin:
+    sync_model: llm.Model
+
+    def __init__(self, sync_model: llm.Model):
+        self.sync_model = sync_model
+        for name in MIRRORED:
+            setattr(self, name, getattr(sync_model, name, None))
+        self.Options = sync_model.Options
+
+    def __str__(self) -> str:
+        return str(self.sync_model)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for attributes the twin lacks: plugin-specific ones.
+        if name.startswith("__") or name == "sync_model":
+            raise AttributeError(name)
+        return getattr(self.sync_model, name)
+
+    @property
+    def supported_server_side_tools(self):
+        return self.sync_model.supported_server_side_tools
+
+    async def execute(
+        self,
+        prompt: llm.Prompt,
+        stream: bool,
+        response: llm.AsyncResponse,
+        conversation: llm.AsyncConversation | None = None,
+        key: str | None = None,
+    ) -> AsyncGenerator[Any, None]:
+        pool = get_pool(config.load())
+        job = encode_job(self.model_id, prompt, stream, conversation, key)
+        run = await pool.submit(self.sync_model, job)
+        try:
+            while True:
+                event = await run.next()
+                if type(event) is Chunks:
+                    for item in event.items:
+                        yield item
+                        run.take(1)
+                    continue
+                run.finished()
+                if event.state is not None:
+                    apply_state(event.state, response)
+                if type(event) is Done:
+                    return
+                error = event.error
+                if event.traceback and error.__cause__ is None:
+                    error.__cause__ = RemoteTraceback(event.traceback)
+                raise error
+        finally:
+            run.close()
+
+
+class AsyncTwin(_Twin, llm.AsyncModel):
+    """Async twin of an ``llm.Model``."""
+
+    execute = _Twin.execute
+
+
+class AsyncKeyTwin(_Twin, llm.AsyncKeyModel):
+    """Async twin of an ``llm.KeyModel``; the parent resolves the key."""
+
+    execute = _Twin.execute
+
+
+def make_twin(model: llm.Model) -> llm.AsyncModel | None:
+    if isinstance(model, llm.KeyModel):
+        return AsyncKeyTwin(model)
+    if isinstance(model, llm.Model):
+        return AsyncTwin(model)
+    return None
