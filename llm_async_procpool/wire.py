@@ -41,7 +41,9 @@ def encode_job(
         for earlier in conversation.responses:
             data = dict(earlier.to_dict())
             data.pop("prompt", None)  # carried, complete, by Turn.prompt
-            history.append(Turn(_encode_prompt(earlier.prompt), data, capture_state(earlier)))
+            history.append(
+                Turn(_encode_prompt(earlier.prompt), data, capture_state(earlier))
+            )
     return Job(
         seq=0,
         model_id=model_id,
@@ -124,7 +126,11 @@ def _find_unpicklable(job: Job) -> tuple[str, Exception] | None:
 
 def apply_state(state: ResponseState, response: Any) -> None:
     """Replay the sync model's side effects through the public response API."""
-    if state.input_tokens is not None or state.output_tokens is not None or state.token_details:
+    if (
+        state.input_tokens is not None
+        or state.output_tokens is not None
+        or state.token_details
+    ):
         response.set_usage(
             input=state.input_tokens,
             output=state.output_tokens,
@@ -143,7 +149,9 @@ def apply_state(state: ResponseState, response: Any) -> None:
 
 
 # ---------------------------------------------------------------- worker side
-def decode_job(job: Job, model: llm.Model) -> tuple[llm.Prompt, llm.Response, llm.Conversation | None]:
+def decode_job(
+    job: Job, model: llm.Model
+) -> tuple[llm.Prompt, llm.Response, llm.Conversation | None]:
     conversation = None
     if job.conversation_id is not None:
         conversation = llm.Conversation(model=model, id=job.conversation_id)
@@ -154,7 +162,9 @@ def decode_job(job: Job, model: llm.Model) -> tuple[llm.Prompt, llm.Response, ll
             earlier.conversation = conversation
             conversation.responses.append(earlier)
     prompt = _decode_prompt(job.prompt, model)
-    response = llm.Response(prompt, model, job.stream, conversation=conversation, key=job.key)
+    response = llm.Response(
+        prompt, model, job.stream, conversation=conversation, key=job.key
+    )
     return prompt, response, conversation
 
 

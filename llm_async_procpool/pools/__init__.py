@@ -53,7 +53,7 @@ def _install_exit_hook() -> None:
     # Must run before concurrent.futures' own exit hooks, which would wait
     # forever on each serve() task. Exit hooks run last-in, first-out, so
     # import those modules (registering theirs) before registering ours.
-    import concurrent.futures.process  # noqa: F401
+    import concurrent.futures.process
     import concurrent.futures.thread  # noqa: F401
 
     register = getattr(threading, "_register_atexit", None)

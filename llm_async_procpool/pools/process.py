@@ -90,7 +90,10 @@ class Slot:
         with pool._lock:
             pool._slots.add(self)
         threading.Thread(
-            target=pool._drain, args=(self,), name=f"procpool-drain-{self.pid}", daemon=True
+            target=pool._drain,
+            args=(self,),
+            name=f"procpool-drain-{self.pid}",
+            daemon=True,
         ).start()
 
     def send(self, seq: int, payload: bytes) -> None:
@@ -129,7 +132,9 @@ class ProcessPool(Pool):
         self._waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = deque()
         self._seqs = itertools.count(1)
         self._closed = False
-        threading.Thread(target=self._watch, name="procpool-watchdog", daemon=True).start()
+        threading.Thread(
+            target=self._watch, name="procpool-watchdog", daemon=True
+        ).start()
 
     # ------------------------------------------------------------ submitting
     async def submit(self, model: llm.Model, job: Job) -> Run:
@@ -145,8 +150,8 @@ class ProcessPool(Pool):
                     loop,
                     seq,
                     job.model_id,
-                    cancel=lambda: self._cancel(slot, seq),
-                    take=lambda count: _take(slot, seq, count),
+                    cancel=lambda slot=slot: self._cancel(slot, seq),
+                    take=lambda count, slot=slot: _take(slot, seq, count),
                     timeout=self.settings.timeout,
                 )
                 slot.control.reset()
@@ -158,7 +163,9 @@ class ProcessPool(Pool):
             slot.send(seq, payload)
         else:
             try:
-                await asyncio.shield(loop.run_in_executor(None, slot.send, seq, payload))
+                await asyncio.shield(
+                    loop.run_in_executor(None, slot.send, seq, payload)
+                )
             except asyncio.CancelledError:
                 run.close()
                 raise
@@ -292,7 +299,9 @@ class ProcessPool(Pool):
                 with self._lock:
                     run = slot.run
                 if run is not None:  # e.g. a chunk of a class the parent lacks
-                    run.deliver(Failed(run.seq, RemoteError(type(error).__name__, str(error))))
+                    run.deliver(
+                        Failed(run.seq, RemoteError(type(error).__name__, str(error)))
+                    )
                     self._cancel(slot, run.seq)
                 continue
             if type(event) is Chunks:
@@ -373,7 +382,13 @@ class ProcessPool(Pool):
         with self._lock:
             slots = sorted(self._slots, key=lambda s: s.pid)
             return [
-                WorkerInfo(s.pid, rss_bytes(s.pid), sorted(s.models), s.served, s.run is not None)
+                WorkerInfo(
+                    s.pid,
+                    rss_bytes(s.pid),
+                    sorted(s.models),
+                    s.served,
+                    s.run is not None,
+                )
                 for s in slots
             ]
 
