@@ -40,11 +40,12 @@ def live_pools() -> list[Pool]:
         return list(_live.values())
 
 
-def shutdown_pools(timeout: float = 5.0) -> None:
-    """Stop every live pool; the next prompt starts a fresh one."""
+def shutdown_pools(timeout: float = 5.0, keep: Settings | None = None) -> None:
+    """Stop every live pool (but the one for ``keep``); prompts start fresh ones."""
     with _lock:
-        pools = list(_live.values())
-        _live.clear()
+        pools = [pool for settings, pool in _live.items() if settings != keep]
+        for pool in pools:
+            del _live[pool.settings]
     for pool in pools:
         pool.shutdown(timeout)
 

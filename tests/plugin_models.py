@@ -1,0 +1,158 @@
+"""Test-only models, registered at runtime by conftest (so workers get them
+through cloudpickle, the path for models that are not installed plugins)."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import llm
+from llm.parts import StreamEvent
+
+
+class Unpicklable(Exception):
+    def __init__(self, message):
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+class Probe(llm.Model):
+    """Reports what it saw, and misbehaves on request."""
+
+    model_id = "probe"
+    can_stream = True
+    supports_schema = True
+    supports_tools = True
+    attachment_types = frozenset({"text/plain", "image/png"})
+
+    class Options(llm.Options):
+        chunks: int = 3
+        delay: float = 0.0
+        fail: str | None = None
+        fail_after: int = 0
+        marker: str | None = None
+        reasoning: bool = False
+        call_tool: str | None = None
+
+    def __init__(self):
+        self.loads = 0
+        self.weights = None
+
+    def execute(self, prompt, stream, response, conversation):
+        if self.weights is None:  # a lazy load, as local model plugins do
+            self.loads += 1
+            self.weights = object()
+        options = prompt.options
+        history = [
+            {"prompt": r.prompt.prompt, "text": r.text(), "json": r.response_json}
+            for r in (conversation.responses if conversation else [])
+        ]
+        response.response_json = {
+            "pid": os.getpid(),
+            "loads": self.loads,
+            "prompt": prompt.prompt,
+            "system": prompt.system,
+            "fragments": [str(f) for f in prompt.fragments],
+            "attachments": [
+                {
+                    "type": a.type,
+                    "path": a.path,
+                    "url": a.url,
+                    "size": len(a.content_bytes() or b""),
+                }
+                for a in prompt.attachments
+            ],
+            "options": options.model_dump(exclude_unset=True),
+            "schema": prompt.schema,
+            "tools": [
+                {"name": t.name, "description": t.description, "schema": t.input_schema}
+                for t in prompt.tools
+            ],
+            "tool_results": [
+                {"name": r.name, "output": r.output, "id": r.tool_call_id}
+                for r in prompt.tool_results
+            ],
+            "hide_reasoning": prompt.hide_reasoning,
+            "history": history,
+            "messages": len(prompt.messages),
+        }
+        response.set_usage(
+            input=len(prompt.prompt.split()),
+            output=options.chunks,
+            details={"pid": os.getpid()},
+        )
+        response.set_resolved_model("probe-resolved-1")
+        if options.reasoning:
+            yield StreamEvent(type="reasoning", chunk="thinking hard")
+        if options.call_tool and not prompt.tool_results:
+            response.add_tool_call(
+                llm.ToolCall(name=options.call_tool, arguments={"x": 2})
+            )
+            return
+        if prompt.tool_results:
+            yield "tool said: " + ", ".join(r.output for r in prompt.tool_results)
+            return
+        try:
+            for i in range(options.chunks):
+                if options.fail and i == options.fail_after:
+                    misbehave(options.fail)
+                if options.delay:
+                    time.sleep(options.delay)
+                yield f"{i} "
+        finally:
+            if options.marker:
+                Path(options.marker).write_text(json.dumps({"pid": os.getpid()}))
+
+
+def misbehave(kind: str) -> None:
+    if kind == "value":
+        raise ValueError("probe failed on purpose")
+    if kind == "unpicklable":
+        raise Unpicklable("probe failed with an unpicklable error")
+    if kind == "exit":
+        os._exit(7)
+    if kind == "kill":
+        os.kill(os.getpid(), 9)
+    if kind == "segv":
+        ctypes.string_at(0)
+    if kind == "stuck":  # never yields again, as if stuck in native code
+        while True:
+            time.sleep(0.05)
+    raise AssertionError(f"unknown failure {kind}")
+
+
+class ProbeKey(llm.KeyModel):
+    model_id = "probe-key"
+    needs_key = "probe-key"
+    key_env_var = "PROBE_KEY_SECRET"
+    can_stream = True
+
+    def execute(self, prompt, stream, response, conversation, key):
+        yield f"got a key of length {len(key or '')}"
+        if prompt.prompt == "leak":
+            yield f" {key}"
+
+
+class NativeSync(llm.Model):
+    model_id = "probe-native"
+
+    def execute(self, prompt, stream, response, conversation):
+        yield "sync"
+
+
+class NativeAsync(llm.AsyncModel):
+    model_id = "probe-native"
+
+    async def execute(self, prompt, stream, response, conversation):
+        yield "native async"
+
+
+@llm.hookimpl
+def register_models(register):
+    register(Probe(), aliases=("probe-alias",))
+    register(ProbeKey())
+    register(NativeSync(), NativeAsync())
