@@ -19,15 +19,22 @@ DEFAULT_IDLE_TIMEOUT = 300.0
 
 
 @dataclass(frozen=True)
-class Settings:
-    """One pool configuration; equal settings share one live pool."""
+class PoolSettings:
+    """What shapes a pool's workers; equal settings share one live pool."""
 
     kind: str = "process"
     workers: int = 1
-    timeout: float | None = None
-    grace: float = DEFAULT_GRACE
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     max_tasks: int | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything read for one prompt: the pool to use, and its limits."""
+
+    pool: PoolSettings
+    timeout: float | None = None
+    grace: float = DEFAULT_GRACE
 
 
 def default_workers() -> int:
@@ -43,15 +50,18 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
             f"LLM_ASYNC_POOL={env['LLM_ASYNC_POOL']!r} is not valid: "
             f"use one of {', '.join(POOL_KINDS)} (default: process)"
         )
-    return Settings(
+    pool = PoolSettings(
         kind=kind,
         workers=_number(env, "LLM_ASYNC_POOL_WORKERS", int, default_workers()),
-        timeout=_number(env, "LLM_ASYNC_POOL_TIMEOUT", float, None),
-        grace=_number(env, "LLM_ASYNC_POOL_GRACE", float, DEFAULT_GRACE, zero_ok=True),
         idle_timeout=_number(
             env, "LLM_ASYNC_POOL_IDLE_TIMEOUT", float, DEFAULT_IDLE_TIMEOUT
         ),
         max_tasks=_number(env, "LLM_ASYNC_POOL_MAX_TASKS", int, None),
+    )
+    return Settings(
+        pool=pool,
+        timeout=_number(env, "LLM_ASYNC_POOL_TIMEOUT", float, None),
+        grace=_number(env, "LLM_ASYNC_POOL_GRACE", float, DEFAULT_GRACE, zero_ok=True),
     )
 
 

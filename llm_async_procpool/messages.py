@@ -3,8 +3,9 @@
 Parent to worker: a ``Job`` (one prompt, with its conversation), framed by
 ``pools.process`` as an 8-byte sequence number and a cloudpickle payload.
 
-Worker to parent, in order, for each job:
-``Chunks*`` then exactly one of ``Done`` / ``Failed`` / ``NeedModel``.
+Worker to parent, in order, for each job: ``Started`` (the model is loaded;
+the timeout starts now), ``Chunks*``, then exactly one of ``Done`` /
+``Failed``. Instead of all that, a worker may answer ``NeedModel``.
 ``NeedModel`` asks the parent to send the job again with the model pickled,
 because the worker's own plugin registry does not know that model id.
 
@@ -80,6 +81,11 @@ class Job:
 
 
 @dataclass
+class Started:
+    seq: int
+
+
+@dataclass
 class Chunks:
     seq: int
     items: list[Any]
@@ -105,7 +111,7 @@ class NeedModel:
     seq: int
 
 
-Event = Chunks | Done | Failed | NeedModel
+Event = Started | Chunks | Done | Failed | NeedModel
 
 
 class Control:

@@ -62,9 +62,10 @@ class _Twin:
         conversation: llm.AsyncConversation | None = None,
         key: str | None = None,
     ) -> AsyncGenerator[Any, None]:
-        pool = get_pool(config.load())
+        settings = config.load()
+        pool = get_pool(settings.pool)
         job = encode_job(self.model_id, prompt, stream, conversation, key)
-        run = await pool.submit(self.sync_model, job)
+        run = await pool.submit(self.sync_model, job, settings.timeout, settings.grace)
         try:
             while True:
                 event = await run.next()

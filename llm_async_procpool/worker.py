@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import cloudpickle
 import llm
 
-from .messages import WINDOW, Chunks, Done, Event, Failed, Job, NeedModel
+from .messages import WINDOW, Chunks, Done, Event, Failed, Job, NeedModel, Started
 from .wire import capture_state, decode_job, portable_error
 
 #: A chunk never waits in the outbox longer than this, in seconds.
@@ -209,6 +209,7 @@ def serve() -> str:
             worker.out.send(NeedModel(seq))
             continue
         worker.out.start(seq)
+        worker.out.send(Started(seq))
         worker.out.send(run_job(job, model, worker.out, worker.control))
         del job
 

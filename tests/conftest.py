@@ -17,7 +17,7 @@ for name in list(os.environ):
 if not llm.pm.has_plugin("procpool-test-models"):
     llm.pm.register(plugin_models, name="procpool-test-models")
 
-DEFAULT = config.load()
+DEFAULT = config.load().pool
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import llm
 from llm.parts import StreamEvent
@@ -37,6 +38,7 @@ class Probe(llm.Model):
         marker: str | None = None
         reasoning: bool = False
         call_tool: str | None = None
+        payload: Any = None
 
     def __init__(self):
         self.loads = 0
@@ -96,6 +98,7 @@ class Probe(llm.Model):
         if prompt.tool_results:
             yield "tool said: " + ", ".join(r.output for r in prompt.tool_results)
             return
+        yielded = 0
         try:
             for i in range(options.chunks):
                 if options.fail and i == options.fail_after:
@@ -103,9 +106,11 @@ class Probe(llm.Model):
                 if options.delay:
                     time.sleep(options.delay)
                 yield f"{i} "
+                yielded += 1
         finally:
             if options.marker:
-                Path(options.marker).write_text(json.dumps({"pid": os.getpid()}))
+                report = {"pid": os.getpid(), "yielded": yielded, "at": time.time()}
+                Path(options.marker).write_text(json.dumps(report))
 
 
 def misbehave(kind: str) -> None:
@@ -130,6 +135,9 @@ class ProbeKey(llm.KeyModel):
     needs_key = "probe-key"
     key_env_var = "PROBE_KEY_SECRET"
     can_stream = True
+
+    class Options(llm.Options):
+        payload: Any = None
 
     def execute(self, prompt, stream, response, conversation, key):
         yield f"got a key of length {len(key or '')}"

@@ -8,8 +8,6 @@ import pytest
 
 from llm_async_procpool import RemoteError
 
-pytestmark = pytest.mark.asyncio
-
 
 def probe():
     return llm.get_async_model("probe")

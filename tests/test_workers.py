@@ -4,11 +4,8 @@ import asyncio
 import os
 
 import llm
-import pytest
 
 from llm_async_procpool import live_pools
-
-pytestmark = pytest.mark.asyncio
 
 
 async def _pids(model_id, count, **options):

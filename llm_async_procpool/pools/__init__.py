@@ -1,7 +1,7 @@
-"""The one registry of live pools, keyed by their settings.
+"""The one registry of live pools, keyed by the settings that shape them.
 
 ``llm.get_async_model()`` builds new model objects on every call, so pools
-cannot live on a twin: they live here, one per distinct ``Settings``, and are
+cannot live on a twin: they live here, one per distinct ``PoolSettings``, and are
 shut down at interpreter exit before ``concurrent.futures`` joins its threads.
 """
 
@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import threading
 
-from ..config import Settings
+from ..config import PoolSettings
 from .base import Pool, WorkerInfo
 
 __all__ = ["Pool", "WorkerInfo", "get_pool", "live_pools", "shutdown_pools"]
 
-_live: dict[Settings, Pool] = {}
+_live: dict[PoolSettings, Pool] = {}
 _lock = threading.Lock()
 _exit_hook_installed = False
 
 
-def get_pool(settings: Settings) -> Pool:
+def get_pool(settings: PoolSettings) -> Pool:
     global _exit_hook_installed
     with _lock:
         pool = _live.get(settings)
@@ -40,7 +40,7 @@ def live_pools() -> list[Pool]:
         return list(_live.values())
 
 
-def shutdown_pools(timeout: float = 5.0, keep: Settings | None = None) -> None:
+def shutdown_pools(timeout: float = 5.0, keep: PoolSettings | None = None) -> None:
     """Stop every live pool (but the one for ``keep``); prompts start fresh ones."""
     with _lock:
         pools = [pool for settings, pool in _live.items() if settings != keep]

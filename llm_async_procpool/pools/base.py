@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import llm
 
-from ..config import Settings
+from ..config import PoolSettings
 from ..messages import Job
 from .run import Run
 
@@ -29,12 +29,18 @@ class WorkerInfo:
 class Pool(ABC):
     kind: str
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: PoolSettings):
         self.settings = settings
 
     @abstractmethod
-    async def submit(self, model: llm.Model, job: Job) -> Run:
-        """Start ``job`` on a free worker, waiting for one if all are busy."""
+    async def submit(
+        self, model: llm.Model, job: Job, timeout: float | None, grace: float
+    ) -> Run:
+        """Start ``job`` on a free worker, waiting for one if all are busy.
+
+        ``timeout`` counts from the moment a worker takes the job; ``grace``
+        is how long a stopped job may take to end before its worker is killed.
+        """
 
     @abstractmethod
     def workers(self) -> list[WorkerInfo]:

@@ -41,7 +41,7 @@ import llm
 
 from .. import worker
 from ..errors import PoolClosed, PromptNotSendable, RemoteError, WorkerCrashed
-from ..messages import Chunks, Control, Done, Failed, Job, NeedModel
+from ..messages import Chunks, Control, Done, Failed, Job, NeedModel, Started
 from ..wire import dumps_job
 from .base import Pool, WorkerInfo, rss_bytes
 from .run import Run
@@ -85,6 +85,7 @@ class Slot:
         self.model: llm.Model | None = None
         self.idle_since = time.monotonic()
         self.kill_at: float | None = None
+        self.grace = 0.0
         self.retired = False
         self._send_lock = threading.Lock()
         with pool._lock:
@@ -137,9 +138,11 @@ class ProcessPool(Pool):
         ).start()
 
     # ------------------------------------------------------------ submitting
-    async def submit(self, model: llm.Model, job: Job) -> Run:
+    async def submit(
+        self, model: llm.Model, job: Job, timeout: float | None, grace: float
+    ) -> Run:
         job.seq = seq = next(self._seqs)
-        payload = dumps_job(job, str(model))  # fails here, before a worker is taken
+        payload = dumps_job(job, job.model_id)  # fails here, before a worker is taken
         loop = asyncio.get_running_loop()
         while True:
             slot = await self._acquire(job.model_id)
@@ -152,12 +155,13 @@ class ProcessPool(Pool):
                     job.model_id,
                     cancel=lambda slot=slot: self._cancel(slot, seq),
                     take=lambda count, slot=slot: _take(slot, seq, count),
-                    timeout=self.settings.timeout,
+                    timeout=timeout,
                 )
                 slot.control.reset()
                 slot.run, slot.job, slot.model = run, job, model
                 slot.models.add(job.model_id)
                 slot.idle_since = None
+                slot.grace = grace
                 break
         if len(payload) < BIG_JOB:
             slot.send(seq, payload)
@@ -258,7 +262,7 @@ class ProcessPool(Pool):
             if slot.run is None or slot.run.seq != seq:
                 return  # already finished
             slot.control.cancel(seq)
-            slot.kill_at = time.monotonic() + self.settings.grace
+            slot.kill_at = time.monotonic() + slot.grace
             self._wake.notify()
 
     def _watch(self) -> None:
@@ -304,7 +308,7 @@ class ProcessPool(Pool):
                     )
                     self._cancel(slot, run.seq)
                 continue
-            if type(event) is Chunks:
+            if type(event) is Chunks or type(event) is Started:
                 run = slot.run
                 if run is not None:
                     run.deliver(event)
@@ -319,7 +323,7 @@ class ProcessPool(Pool):
         job = slot.job
         try:
             job.model_blob = cloudpickle.dumps(slot.model)
-            payload = dumps_job(job, str(slot.model))
+            payload = dumps_job(job, job.model_id)
         except Exception as error:
             reason = PromptNotSendable(
                 f"Model {job.model_id!r} is not installed as a plugin where the "
@@ -350,8 +354,7 @@ class ProcessPool(Pool):
             run.deliver(event)
 
     def _exited(self, slot: Slot) -> None:
-        slot.process.join(1.0)
-        code = slot.process.exitcode
+        code = _exit_code(slot.process)
         with self._lock:
             self._slots.discard(slot)
             if slot in self._idle:
@@ -410,13 +413,31 @@ class ProcessPool(Pool):
             if run is not None:
                 slot.control.cancel(run.seq)
             slot.retire()
-        deadline = time.monotonic() + max(0.0, min(timeout - 1.0, self.settings.grace))
+        grace = max((slot.grace for slot in slots), default=0.0)
+        deadline = time.monotonic() + max(0.0, min(timeout - 1.0, grace))
         for slot in slots:
             slot.process.join(max(0.0, deadline - time.monotonic()))
         for slot in slots:
             if slot.process.exitcode is None:
                 slot.kill()
                 slot.process.join(1.0)
+
+
+def _exit_code(process, timeout: float = 1.0) -> int | None:
+    """The exit code of a dead worker.
+
+    Its executor's manager thread reaps it too, and a forkserver child's status
+    can be read only once (a second reader gets 255), so wait for that reaping
+    and read the cached code; poll ourselves only if it does not come.
+    """
+    popen = getattr(process, "_popen", None)
+    deadline = time.monotonic() + timeout
+    while popen is not None and time.monotonic() < deadline:
+        if popen.returncode is not None:
+            return popen.returncode
+        time.sleep(0.005)
+    process.join(0.1)
+    return process.exitcode
 
 
 def _take(slot: Slot, seq: int, count: int) -> None:

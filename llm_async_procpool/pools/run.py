@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import Callable
 
 from ..errors import PromptTimeout
-from ..messages import Event, Failed
+from ..messages import Event, Failed, Started
 
 
 class Run:
@@ -34,9 +34,8 @@ class Run:
         self._events: deque[Event] = deque()
         self._waiter: asyncio.Future | None = None
         self._closed = False
-        self._timer = None
-        if timeout is not None:
-            self._timer = loop.call_later(timeout, self._expire, timeout)
+        self._timeout = timeout
+        self._timer: asyncio.TimerHandle | None = None
 
     def deliver(self, event: Event) -> None:
         """Called from any thread."""
@@ -72,6 +71,12 @@ class Run:
 
     def _push(self, event: Event) -> None:
         if self._closed:
+            return
+        if type(event) is Started:
+            if self._timeout is not None:
+                self._timer = self.loop.call_later(
+                    self._timeout, self._expire, self._timeout
+                )
             return
         self._events.append(event)
         if self._waiter is not None and not self._waiter.done():

@@ -16,7 +16,7 @@ from typing import Any
 
 import llm
 
-from ..messages import Chunks, Control, Job
+from ..messages import Chunks, Control, Job, Started
 from ..worker import run_job
 from .base import Pool, WorkerInfo, rss_bytes
 from .run import Run
@@ -49,7 +49,9 @@ class ThreadPool(Pool):
         self._models: set[str] = set()
         self._seqs = itertools.count(1)
 
-    async def submit(self, model: llm.Model, job: Job) -> Run:
+    async def submit(
+        self, model: llm.Model, job: Job, timeout: float | None, grace: float
+    ) -> Run:
         job.seq = next(self._seqs)
         control = Control([0, 0])
         run = Run(
@@ -58,7 +60,7 @@ class ThreadPool(Pool):
             job.model_id,
             cancel=lambda: control.cancel(job.seq),
             take=control.take,
-            timeout=self.settings.timeout,
+            timeout=timeout,
         )
         with self._lock:
             self._models.add(job.model_id)
@@ -69,6 +71,7 @@ class ThreadPool(Pool):
         with self._lock:
             self._running[job.seq] = control
         try:
+            run.deliver(Started(job.seq))
             run.deliver(run_job(job, model, _Direct(run), control))
         finally:
             with self._lock:

@@ -1,0 +1,367 @@
+"""Cancellation, timeouts, crashes, backpressure, shutdown and bad input,
+with real worker processes. Time bounds are generous: CI machines are noisy."""
+
+import asyncio
+import gc
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import llm
+import pytest
+
+from llm_async_procpool import (
+    PromptNotSendable,
+    PromptTimeout,
+    WorkerCrashed,
+    live_pools,
+)
+from llm_async_procpool.messages import WINDOW
+from llm_async_procpool.worker import MAX_BATCH
+
+
+def probe():
+    return llm.get_async_model("probe")
+
+
+def wait_for_file(path, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text():
+            return json.loads(path.read_text())
+        time.sleep(0.005)
+    raise AssertionError(f"{path} was not written within {timeout}s")
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie counts as gone
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+async def started(response, chunks=2):
+    """Iterate until the model is really running in its worker."""
+    iterator = response.__aiter__()
+    for _ in range(chunks):
+        await iterator.__anext__()
+    return iterator
+
+
+# ------------------------------------------------------------------ cancelling
+async def test_cancelled_task_stops_the_model_and_runs_its_finally(tmp_path):
+    marker = tmp_path / "finally.json"
+    response = probe().prompt("x", chunks=10_000, delay=0.01, marker=str(marker))
+    await started(response)
+    task = asyncio.create_task(response.text())
+    await asyncio.sleep(0.05)
+    stopped = time.time()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    report = await asyncio.to_thread(wait_for_file, marker)
+    latency = report["at"] - stopped
+    assert latency < 0.5, f"model stopped {latency * 1000:.0f} ms after cancel"
+    assert report["yielded"] < 1000
+    assert pid_alive(report["pid"])  # stopped cooperatively, not killed
+
+
+async def test_consumer_that_walks_away_stops_the_model(tmp_path):
+    marker = tmp_path / "finally.json"
+    response = probe().prompt("x", chunks=10_000, delay=0.01, marker=str(marker))
+    async for _chunk in response:
+        break
+    stopped = time.time()
+    del response, _chunk
+    gc.collect()
+    report = await asyncio.to_thread(wait_for_file, marker)
+    assert report["at"] - stopped < 0.5
+    assert report["yielded"] < 1000
+
+
+async def test_wait_for_timeout_stops_the_model(tmp_path):
+    marker = tmp_path / "finally.json"
+    response = probe().prompt("x", chunks=10_000, delay=0.01, marker=str(marker))
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(response.text(), 0.3)
+    stopped = time.time()
+    report = await asyncio.to_thread(wait_for_file, marker)
+    assert report["at"] - stopped < 0.5
+
+
+async def test_worker_takes_the_next_prompt_after_a_cancel(monkeypatch):
+    monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "1")
+    response = probe().prompt("x", chunks=10_000, delay=0.01)
+    await started(response)
+    first_pid = [w.pid for w in _pool(workers=1).workers()]
+    task = asyncio.create_task(response.text())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    follow = probe().prompt("y", chunks=2)
+    assert await follow.text() == "0 1 "
+    assert [(await follow.json())["pid"]] == first_pid
+
+
+# ------------------------------------------------------ hard stop and timeout
+async def test_stuck_model_is_killed_after_the_grace_period(monkeypatch):
+    monkeypatch.setenv("LLM_ASYNC_POOL_GRACE", "0.5")
+    bystander = probe().prompt("b", chunks=60, delay=0.025)
+    await started(bystander, 1)
+    bystander_task = asyncio.create_task(bystander.text())
+    stuck = probe().prompt("x", chunks=5, fail="stuck", fail_after=1)
+    await started(stuck, 1)
+    busy = [w.pid for w in _pool().workers() if w.busy]
+    assert len(busy) == 2
+    task = asyncio.create_task(stuck.text())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    cancelled_at = time.monotonic()
+    while all(pid_alive(pid) for pid in busy):
+        assert time.monotonic() - cancelled_at < 5, "stuck worker was not killed"
+        await asyncio.sleep(0.01)
+    killed_after = time.monotonic() - cancelled_at
+    assert killed_after >= 0.4  # it had its grace period first
+    (survivor,) = [pid for pid in busy if pid_alive(pid)]
+    # the other worker's prompt is untouched
+    assert await bystander_task == "".join(f"{i} " for i in range(60))
+    assert (await bystander.json())["pid"] == survivor
+    assert await probe().prompt("after", chunks=2).text() == "0 1 "
+
+
+async def test_timeout_raises_and_stops_the_worker(monkeypatch, tmp_path):
+    assert await probe().prompt("warm up", chunks=1).text() == "0 "
+    monkeypatch.setenv("LLM_ASYNC_POOL_TIMEOUT", "0.4")
+    marker = tmp_path / "finally.json"
+    response = probe().prompt("x", chunks=1000, delay=0.01, marker=str(marker))
+    chunks = []
+    started_at = time.monotonic()
+    with pytest.raises(PromptTimeout) as info:
+        async for chunk in response:
+            chunks.append(chunk)
+    elapsed = time.monotonic() - started_at
+    assert isinstance(info.value, TimeoutError)
+    assert "'probe'" in str(info.value) and "LLM_ASYNC_POOL_TIMEOUT=0.4" in str(
+        info.value
+    )
+    assert 0.3 < elapsed < 3
+    assert chunks  # what came before the timeout was delivered
+    report = await asyncio.to_thread(wait_for_file, marker)
+    assert report["yielded"] < 1000
+    assert await probe().prompt("next", chunks=1).text() == "0 "
+
+
+async def test_timeout_kills_a_stuck_worker(monkeypatch):
+    monkeypatch.setenv("LLM_ASYNC_POOL_TIMEOUT", "0.3")
+    monkeypatch.setenv("LLM_ASYNC_POOL_GRACE", "0.3")
+    with pytest.raises(PromptTimeout):
+        await probe().prompt("x", chunks=3, fail="stuck", fail_after=0).text()
+    pids = [w.pid for w in _pool().workers() if w.busy]
+    deadline = time.monotonic() + 5
+    while any(pid_alive(p) for p in pids):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    assert await probe().prompt("next", chunks=1).text() == "0 "
+
+
+# ------------------------------------------------------------------ crashes
+@pytest.mark.parametrize(
+    "fail, expected",
+    [
+        ("kill", "killed by SIGKILL (exit code -9)"),
+        ("exit", "exited with code 7"),
+        ("segv", "killed by SIGSEGV (exit code -11)"),
+    ],
+)
+async def test_worker_crash_fails_the_prompt_fast_and_the_pool_recovers(fail, expected):
+    response = probe().prompt("x", chunks=10, delay=0.01, fail=fail, fail_after=3)
+    chunks = []
+    with pytest.raises(WorkerCrashed) as info:
+        async for chunk in response:
+            chunks.append(chunk)
+            crash_seen = time.monotonic()
+    assert time.monotonic() - crash_seen < 1.0
+    assert chunks == ["0 ", "1 ", "2 "]
+    message = str(info.value)
+    assert "'probe'" in message and expected in message
+    texts = await asyncio.gather(
+        *(probe().prompt(f"{i}", chunks=2).text() for i in range(4))
+    )
+    assert texts == ["0 1 "] * 4
+
+
+async def test_prompts_queued_behind_a_crash_run_normally(monkeypatch):
+    monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "1")
+    crashing = probe().prompt("x", chunks=5, delay=0.02, fail="kill", fail_after=2)
+    queued = [probe().prompt(f"q{i}", chunks=3) for i in range(3)]
+    results = await asyncio.gather(
+        crashing.text(), *(q.text() for q in queued), return_exceptions=True
+    )
+    assert isinstance(results[0], WorkerCrashed)
+    assert results[1:] == ["0 1 2 "] * 3
+
+
+# ------------------------------------------------------------------ backpressure
+async def test_slow_consumer_pauses_the_worker(tmp_path):
+    marker = tmp_path / "finally.json"
+    response = probe().prompt("x", chunks=10_000_000, marker=str(marker))
+    iterator = await started(response, 10)
+    await asyncio.sleep(0.5)  # the model would yield millions of chunks by now
+    del iterator, response
+    gc.collect()
+    report = await asyncio.to_thread(wait_for_file, marker)
+    assert report["yielded"] <= WINDOW + MAX_BATCH + 10
+
+
+# ------------------------------------------------------------------ bad input
+async def test_unpicklable_option_value_is_a_clear_error():
+    with pytest.raises(PromptNotSendable) as info:
+        await probe().prompt("x", payload=threading.Lock()).text()
+    message = str(info.value)
+    assert "option 'payload'" in message and "'probe'" in message
+    assert "LLM_ASYNC_POOL=thread" in message
+    assert await probe().prompt("x", chunks=1).text() == "0 "
+
+
+async def test_large_attachment_and_large_prompt():
+    big = os.urandom(50 * 1024 * 1024)
+    response = probe().prompt(
+        "x", attachments=[llm.Attachment(type="image/png", content=big)], chunks=1
+    )
+    assert (await response.json())["attachments"][0]["size"] == len(big)
+    del big
+    text = "word " * (2 * 1024 * 1024)  # 10 MB
+    response = probe().prompt(text, chunks=1)
+    assert len((await response.json())["prompt"]) == len(text)
+
+
+async def test_keys_stay_out_of_errors_and_process_arguments():
+    secret = "sk-very-secret-0123456789"
+    model = llm.get_async_model("probe-key")
+    assert await model.prompt("hi", key=secret).text() == "got a key of length 25"
+    with pytest.raises(PromptNotSendable) as info:
+        await model.prompt("hi", key=secret, payload=threading.Lock()).text()
+    assert secret not in str(info.value)
+    for pid in _all_descendants(os.getpid()):
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            assert secret.encode() not in cmdline.read()
+    from llm_async_procpool.wire import encode_job
+
+    job = encode_job("probe-key", model.prompt("hi").prompt, True, None, secret)
+    assert secret not in repr(job)
+
+
+def _all_descendants(root):
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+# ------------------------------------------------------------------ shutdown
+ORPHAN_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, json, os, sys, threading, time
+    import llm
+    import plugin_models
+    from llm_async_procpool import live_pools
+
+
+    async def run(pids_file, fail, hold):
+        model = llm.get_async_model("probe")
+        responses = [
+            model.prompt(str(i), chunks=100000, delay=0.01, fail=fail, fail_after=1)
+            for i in range(3)
+        ]
+        tasks = [asyncio.ensure_future(r.text()) for r in responses]
+        await asyncio.sleep(1.0)
+        pids = [w.pid for p in live_pools() for w in p.workers()]
+        with open(pids_file + ".tmp", "w") as f:
+            f.write(json.dumps(pids))
+        os.rename(pids_file + ".tmp", pids_file)
+        if hold:  # still in flight when the interpreter exits
+            await asyncio.sleep(3600)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+    def main():
+        llm.pm.register(plugin_models, name="procpool-test-models")
+        pids_file, mode = sys.argv[1], sys.argv[2]
+        fail = "stuck" if mode == "stuck" else None
+        if mode == "idle":  # asyncio.run() has returned; workers are idle
+            asyncio.run(run(pids_file, fail, hold=False))
+            return
+        loop_thread = threading.Thread(
+            target=asyncio.run, args=(run(pids_file, fail, hold=True),), daemon=True
+        )
+        loop_thread.start()
+        deadline = time.monotonic() + 30
+        while not os.path.exists(pids_file) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+    if __name__ == "__main__":
+        main()
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["idle", "in-flight", "stuck"])
+def test_no_orphans_after_interpreter_exit(tmp_path, mode):
+    script = tmp_path / "script.py"
+    script.write_text(ORPHAN_SCRIPT)
+    pids_file = tmp_path / "pids.json"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), *sys.path]),
+        "LLM_ASYNC_POOL_WORKERS": "2",
+        "LLM_ASYNC_POOL_GRACE": "1",
+    }
+    started_at = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, str(script), str(pids_file), mode],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    pids = json.loads(pids_file.read_text())
+    assert len(pids) == 2
+    deadline = time.monotonic() + 5
+    while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [pid for pid in pids if pid_alive(pid)]
+    assert time.monotonic() - started_at < 30
+
+
+def _pool(**settings):
+    for pool in live_pools():
+        if pool.kind == "process" and all(
+            getattr(pool.settings, name) == value for name, value in settings.items()
+        ):
+            return pool
+    raise AssertionError(f"no live process pool with {settings}")
