@@ -39,6 +39,8 @@ class Probe(llm.Model):
         reasoning: bool = False
         call_tool: str | None = None
         payload: Any = None
+        pause_after: int | None = None
+        pause: float = 0.0
 
     def __init__(self):
         self.loads = 0
@@ -107,6 +109,8 @@ class Probe(llm.Model):
                     time.sleep(options.delay)
                 yield f"{i} "
                 yielded += 1
+                if i == options.pause_after:
+                    time.sleep(options.pause)
         finally:
             if options.marker:
                 report = {"pid": os.getpid(), "yielded": yielded, "at": time.time()}

@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import time
 
 import llm
 
@@ -81,3 +82,54 @@ async def test_concurrent_prompts_interleave_across_event_loops():
         return asyncio.run(main())
 
     assert await asyncio.to_thread(in_new_loop) == "0 1 "
+
+
+async def test_a_chunk_is_not_held_back_when_the_model_pauses():
+    """Fast chunks are batched, but a batch goes out within about 2 ms even if
+    the model then stalls (here for a second) before its next yield."""
+    model = llm.get_async_model("probe")
+    assert await model.prompt("warm", chunks=1).text() == "0 "
+    response = model.prompt("x", chunks=6, pause_after=4, pause=1.0)
+    arrivals = []
+    async for chunk in response:
+        arrivals.append((chunk, time.monotonic()))
+    first = arrivals[0][1]
+    assert [c for c, _ in arrivals] == [f"{i} " for i in range(6)]
+    assert arrivals[4][1] - first < 0.3, "chunk 4 waited for the model's pause"
+    assert arrivals[5][1] - first > 0.9
+
+
+async def test_idle_workers_exit_and_come_back(monkeypatch):
+    monkeypatch.setenv("LLM_ASYNC_POOL_IDLE_TIMEOUT", "0.5")
+    monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "1")
+    model = llm.get_async_model("probe")
+    first = await model.prompt("a", chunks=1).json()
+    (pool,) = [p for p in live_pools() if p.settings.idle_timeout == 0.5]
+    deadline = time.monotonic() + 5
+    while pool.workers():
+        assert time.monotonic() < deadline, "idle worker did not exit"
+        await asyncio.sleep(0.05)
+    assert not _alive(first["pid"])
+    second = await model.prompt("b", chunks=1).json()
+    assert second["pid"] != first["pid"]
+
+
+async def test_max_tasks_recycles_workers(monkeypatch):
+    monkeypatch.setenv("LLM_ASYNC_POOL_MAX_TASKS", "2")
+    monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "1")
+    model = llm.get_async_model("probe")
+    pids = [(await model.prompt(str(i), chunks=1).json())["pid"] for i in range(6)]
+    assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4] == pids[5]
+    deadline = time.monotonic() + 5
+    while _alive(pids[0]) or _alive(pids[2]):
+        assert time.monotonic() < deadline, "recycled workers did not exit"
+        await asyncio.sleep(0.05)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split()[2] != "Z"
