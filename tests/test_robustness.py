@@ -295,8 +295,14 @@ ORPHAN_SCRIPT = textwrap.dedent(
             for i in range(3)
         ]
         tasks = [asyncio.ensure_future(r.text()) for r in responses]
-        await asyncio.sleep(1.0)
-        pids = [w.pid for p in live_pools() for w in p.workers()]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # until both workers are running prompts
+            workers = [w for p in live_pools() for w in p.workers()]
+            if sum(w.busy for w in workers) == 2:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        pids = [w.pid for w in workers]
         with open(pids_file + ".tmp", "w") as f:
             f.write(json.dumps(pids))
         os.rename(pids_file + ".tmp", pids_file)

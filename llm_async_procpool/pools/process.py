@@ -49,6 +49,7 @@ from .run import Run
 START_METHOD = (
     "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 )
+PRELOAD = "llm_async_procpool._forkserver"
 #: Jobs larger than this are written from a helper thread, not the event loop.
 BIG_JOB = 1 << 20
 
@@ -125,6 +126,8 @@ class ProcessPool(Pool):
     def __init__(self, settings):
         super().__init__(settings)
         self.context = multiprocessing.get_context(START_METHOD)
+        if START_METHOD == "forkserver":
+            _preload_forkserver(self.context)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._slots: set[Slot] = set()
@@ -421,6 +424,17 @@ class ProcessPool(Pool):
             if slot.process.exitcode is None:
                 slot.kill()
                 slot.process.join(1.0)
+
+
+def _preload_forkserver(context) -> None:
+    """Add our warm-up module to the forkserver's preload list (kept: the
+    user's own entries). It takes effect only if the forkserver has not
+    started yet."""
+    from multiprocessing import forkserver
+
+    current = getattr(forkserver._forkserver, "_preload_modules", ["__main__"])
+    if PRELOAD not in current:
+        context.set_forkserver_preload([*current, PRELOAD])
 
 
 def _exit_code(process, timeout: float = 1.0) -> int | None:
