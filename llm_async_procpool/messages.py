@@ -69,13 +69,23 @@ class Turn:
 
 
 @dataclass
+class ConversationSpec:
+    """What a sync model may read from ``conversation``: its earlier turns, or
+    the history ``llm -c`` read back from the logs database."""
+
+    id: str
+    name: str | None
+    history: list[Turn]
+    loaded_messages: list[dict] | None
+
+
+@dataclass
 class Job:
     seq: int
     model_id: str
     stream: bool
     prompt: PromptSpec
-    conversation_id: str | None = None
-    history: list[Turn] = field(default_factory=list)
+    conversation: ConversationSpec | None = None
     key: str | None = field(default=None, repr=False)
     model_blob: bytes | None = field(default=None, repr=False)
 

@@ -23,7 +23,7 @@ import cloudpickle
 import llm
 
 from .errors import PromptNotSendable
-from .messages import Job, PromptSpec, ResponseState, Turn
+from .messages import ConversationSpec, Job, PromptSpec, ResponseState, Turn
 
 
 # ---------------------------------------------------------------- parent side
@@ -34,24 +34,32 @@ def encode_job(
     conversation: llm.AsyncConversation | None,
     key: str | None,
 ) -> Job:
-    history = []
-    conversation_id = None
-    if conversation is not None:
-        conversation_id = conversation.id
-        for earlier in conversation.responses:
-            data = dict(earlier.to_dict())
-            data.pop("prompt", None)  # carried, complete, by Turn.prompt
-            history.append(
-                Turn(_encode_prompt(earlier.prompt), data, capture_state(earlier))
-            )
     return Job(
         seq=0,
         model_id=model_id,
         stream=stream,
         prompt=_encode_prompt(prompt),
-        conversation_id=conversation_id,
-        history=history,
+        conversation=None
+        if conversation is None
+        else _encode_conversation(conversation),
         key=key,
+    )
+
+
+def _encode_conversation(conversation: llm.AsyncConversation) -> ConversationSpec:
+    history = []
+    for earlier in conversation.responses:
+        data = dict(earlier.to_dict())
+        data.pop("prompt", None)  # carried, complete, by Turn.prompt
+        history.append(
+            Turn(_encode_prompt(earlier.prompt), data, capture_state(earlier))
+        )
+    loaded = conversation.loaded_messages
+    return ConversationSpec(
+        id=conversation.id,
+        name=conversation.name,
+        history=history,
+        loaded_messages=None if loaded is None else [m.to_dict() for m in loaded],
     )
 
 
@@ -115,7 +123,7 @@ def _find_unpicklable(job: Job) -> tuple[str, Exception] | None:
     parts += [(f"tool {getattr(t, 'name', t)!r}", t) for t in spec.tools]
     parts += [(f"tool result {r.name!r}", r) for r in spec.tool_results]
     parts += [("the schema", spec.schema), ("the fragments", spec.fragments)]
-    parts += [("the conversation history", job.history)]
+    parts += [("the conversation history", job.conversation)]
     for label, value in parts:
         try:
             cloudpickle.dumps(value)
@@ -153,14 +161,19 @@ def decode_job(
     job: Job, model: llm.Model
 ) -> tuple[llm.Prompt, llm.Response, llm.Conversation | None]:
     conversation = None
-    if job.conversation_id is not None:
-        conversation = llm.Conversation(model=model, id=job.conversation_id)
-        for turn in job.history:
+    spec = job.conversation
+    if spec is not None:
+        conversation = llm.Conversation(model=model, id=spec.id, name=spec.name)
+        for turn in spec.history:
             earlier = llm.Response.from_dict(turn.response, model=model)
             earlier.prompt = _decode_prompt(turn.prompt, model)
             apply_state(turn.state, earlier)
             earlier.conversation = conversation
             conversation.responses.append(earlier)
+        if spec.loaded_messages is not None:
+            conversation.loaded_messages = [
+                llm.Message.from_dict(m) for m in spec.loaded_messages
+            ]
     prompt = _decode_prompt(job.prompt, model)
     response = llm.Response(
         prompt, model, job.stream, conversation=conversation, key=job.key

@@ -41,6 +41,7 @@ class Probe(llm.Model):
         payload: Any = None
         pause_after: int | None = None
         pause: float = 0.0
+        spin: int = 0
 
     def __init__(self):
         self.loads = 0
@@ -82,7 +83,11 @@ class Probe(llm.Model):
             ],
             "hide_reasoning": prompt.hide_reasoning,
             "history": history,
-            "messages": len(prompt.messages),
+            "messages": [
+                [m.role, " ".join(p.text for p in m.parts if getattr(p, "text", None))]
+                for m in prompt.messages
+            ],
+            "loaded": len(conversation.loaded_messages or []) if conversation else 0,
         }
         response.set_usage(
             input=len(prompt.prompt.split()),
@@ -107,6 +112,8 @@ class Probe(llm.Model):
                     misbehave(options.fail)
                 if options.delay:
                     time.sleep(options.delay)
+                for _ in range(options.spin):  # CPU-bound, holds the GIL
+                    pass
                 yield f"{i} "
                 yielded += 1
                 if i == options.pause_after:
@@ -149,6 +156,15 @@ class ProbeKey(llm.KeyModel):
             yield f" {key}"
 
 
+class Plain(llm.Model):
+    """No options, no streaming: the simplest sync model there is."""
+
+    model_id = "probe-plain"
+
+    def execute(self, prompt, stream, response, conversation):
+        return [prompt.prompt.upper()]
+
+
 class NativeSync(llm.Model):
     model_id = "probe-native"
 
@@ -167,4 +183,5 @@ class NativeAsync(llm.AsyncModel):
 def register_models(register):
     register(Probe(), aliases=("probe-alias",))
     register(ProbeKey())
+    register(Plain())
     register(NativeSync(), NativeAsync())

@@ -1,5 +1,6 @@
 """The llm CLI, run as a user runs it: a fresh process per command."""
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -76,3 +77,85 @@ def test_bad_pool_setting_gives_a_clear_error_and_models_still_list(user_dir):
     listed = llm_cli("models", "list", "--async", env=env)
     assert listed.returncode == 0, listed.stderr
     assert "markov" in listed.stdout
+
+
+# In-process CLI runs (click's CliRunner) can use the test plugin's models.
+def run_cli(*args):
+    from click.testing import CliRunner
+    from llm.cli import cli
+
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def last_turns(count):
+    import llm
+
+    db_path = llm.user_dir() / "logs.db"
+    with sqlite3.connect(db_path) as db:
+        db.row_factory = sqlite3.Row
+        return [
+            dict(r)
+            for r in db.execute(
+                "select * from turns order by rowid desc limit ?", (count,)
+            )
+        ][::-1]
+
+
+def test_cli_options_system_attachments_and_continue(tmp_path):
+    note = tmp_path / "note.txt"
+    note.write_text("attached text")
+    out = run_cli(
+        "prompt",
+        "--async",
+        "-m",
+        "probe",
+        "-o",
+        "chunks",
+        "2",
+        "-s",
+        "a system prompt",
+        "-a",
+        str(note),
+        "first turn",
+    )
+    assert out.strip() == "0 1"
+    out = run_cli("prompt", "--async", "-c", "-o", "chunks", "1", "second turn")
+    assert out.strip() == "0"
+    first, second = last_turns(2)
+    assert first["model"] == second["model"] == "probe"
+    assert first["thread_id"] == second["thread_id"]
+    seen = json.loads(second["response_json"])
+    # llm -c reads the history back from the logs database
+    assert seen["loaded"] >= 2
+    assert ["user", "first turn"] in seen["messages"]
+    assert ["user", "second turn"] in seen["messages"]
+    first_seen = json.loads(first["response_json"])
+    assert first_seen["system"] == "a system prompt"
+    assert first_seen["attachments"][0]["path"] == str(note)
+    assert first_seen["options"]["chunks"] == 2
+
+
+def test_status_command_lists_twins_and_live_workers():
+    out = run_cli("async-pool", "status", "-m", "probe")
+    assert "Pool: process" in out
+    twins = next(line for line in out.splitlines() if line.startswith("Async twins"))
+    assert "markov" in twins and "probe" in twins and "probe-native" not in twins
+    native = next(line for line in out.splitlines() if line.startswith("Native"))
+    assert "probe-native" in native and "echo" in native
+    worker_lines = [
+        line for line in out.splitlines() if line.strip().startswith("pid ")
+    ]
+    assert worker_lines and any("probe" in line for line in worker_lines)
+    report = json.loads(run_cli("async-pool", "status", "--json"))
+    (pool,) = [p for p in report["live_pools"] if p["pool"] == "process"]
+    assert pool["size"] == 2
+    for worker in pool["workers"]:
+        assert worker["pid"] != os.getpid() and worker["rss_bytes"] > 10 * 2**20
+
+
+def test_status_command_reports_a_bad_setting(monkeypatch):
+    monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "lots")
+    out = run_cli("async-pool", "status")
+    assert "Configuration error: LLM_ASYNC_POOL_WORKERS='lots' is not valid" in out
