@@ -1,0 +1,125 @@
+"""A real Datasette, in-process and offline, running datasette-enrichments-llm
+against sync-only models through the process pool."""
+
+import asyncio
+import sqlite3
+import statistics
+import time
+
+import pytest
+from datasette.app import Datasette
+from datasette_enrichments.utils import wait_for_job
+
+ROWS = [
+    "the cat sat on the mat",
+    "a dog ran in the park",
+    "birds fly over the sea",
+    "the sun rose over the hill",
+]
+
+
+@pytest.fixture(autouse=True)
+def process_pool(monkeypatch):
+    monkeypatch.setenv("LLM_ASYNC_POOL", "process")
+
+
+def make_datasette(tmp_path, model_ref, rows=ROWS):
+    path = tmp_path / "data.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("create table docs (id integer primary key, body text)")
+        conn.executemany("insert into docs (body) values (?)", [(r,) for r in rows])
+    return Datasette(
+        [str(path)],
+        config={
+            "permissions": {"enrichments": {"id": "root"}},
+            "plugins": {
+                "datasette-llm": {"purposes": {"enrichments": {"model": model_ref}}}
+            },
+        },
+    )
+
+
+async def enrich(ds, model_id, prompt="{{ body }}"):
+    """Submit the llm enrichment as the form would, and return the job id."""
+    await ds.invoke_startup()
+    form = await ds.client.get("/-/enrich/data/docs/llm", actor={"id": "root"})
+    assert form.status_code == 200
+    assert f'value="{model_id}"' in form.text  # offered: its async twin is listed
+    response = await ds.client.post(
+        "/-/enrich/data/docs/llm",
+        data={
+            "model": model_id,
+            "prompt": prompt,
+            "system_prompt": "",
+            "output_column": "out",
+        },
+        actor={"id": "root"},
+    )
+    assert response.status_code == 302, response.text
+    return int(response.headers["location"].split("_enrichment_job=")[1])
+
+
+async def results(ds):
+    db = ds.get_database("data")
+    rows = [dict(r) for r in (await db.execute("select * from docs order by id")).rows]
+    errors = [
+        dict(r) for r in (await db.execute("select * from _enrichment_errors")).rows
+    ]
+    return rows, errors
+
+
+async def test_markov_enrichment_with_options_from_datasette_llm(tmp_path):
+    ds = make_datasette(
+        tmp_path, {"model": "markov", "options": {"length": 5, "delay": 0}}
+    )
+    job = await enrich(ds, "markov")
+    await asyncio.wait_for(wait_for_job(ds, job, "data", timeout=60), 90)
+    rows, errors = await results(ds)
+    assert errors == []
+    for row in rows:
+        words = row["out"].split()
+        assert len(words) == 5  # the configured option reached the model
+        assert set(words) <= set(row["body"].split())
+
+
+async def test_enrichment_with_a_model_without_options(tmp_path):
+    ds = make_datasette(tmp_path, {"model": "probe-plain"})
+    job = await enrich(ds, "probe-plain")
+    await asyncio.wait_for(wait_for_job(ds, job, "data", timeout=60), 90)
+    rows, errors = await results(ds)
+    assert errors == []
+    assert [r["out"] for r in rows] == [r.upper() for r in ROWS]
+
+
+async def test_datasette_stays_responsive_during_a_cpu_bound_enrichment(tmp_path):
+    """The model spins the CPU holding the GIL, in a worker: page requests on
+    Datasette's event loop are still answered quickly."""
+    ds = make_datasette(
+        tmp_path,
+        {"model": "probe", "options": {"chunks": 20, "spin": 300_000}},
+        rows=[f"row {i}" for i in range(8)],
+    )
+    job = await enrich(ds, "probe", prompt="{{ body }}")
+    db = ds.get_database("data")
+    latencies = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status = (
+            await db.execute("select status from _enrichment_jobs where id = ?", [job])
+        ).first()["status"]
+        if status == "finished":
+            break
+        started = time.perf_counter()
+        page = await ds.client.get("/data/docs.json")
+        latencies.append(time.perf_counter() - started)
+        assert page.status_code == 200
+        await asyncio.sleep(0.01)
+    rows, errors = await results(ds)
+    assert errors == [] and all(r["out"] for r in rows)
+    assert len(latencies) >= 5, "the enrichment finished before it could be measured"
+    median, worst = statistics.median(latencies), max(latencies)
+    print(
+        f"page latency during enrichment: median {median * 1000:.1f} ms, "
+        f"max {worst * 1000:.1f} ms over {len(latencies)} requests"
+    )
+    assert median < 0.25 and worst < 2.0
