@@ -110,11 +110,7 @@ async def soak(args) -> int:
     for _ in range(args.prompts):
         roll = rng.random()
         fates.append(
-            "crash"
-            if roll < args.crash
-            else "cancel"
-            if roll < args.crash + args.cancel
-            else "ok"
+            "crash" if roll < args.crash else "cancel" if roll < args.crash + args.cancel else "ok"
         )
     started = time.monotonic()
     done = 0
@@ -174,9 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cancel", type=float, default=0.1, help="share cancelled")
     parser.add_argument("--crash", type=float, default=0.01, help="share crashing")
     parser.add_argument("--tokens", type=int, default=20)
-    parser.add_argument(
-        "--work", type=int, default=200, help="loop iterations per token"
-    )
+    parser.add_argument("--work", type=int, default=200, help="loop iterations per token")
     parser.add_argument("--cancel-window", type=float, default=0.01, help="seconds")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)

@@ -53,9 +53,7 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
     pool = PoolSettings(
         kind=kind,
         workers=_number(env, "LLM_ASYNC_POOL_WORKERS", int, default_workers()),
-        idle_timeout=_number(
-            env, "LLM_ASYNC_POOL_IDLE_TIMEOUT", float, DEFAULT_IDLE_TIMEOUT
-        ),
+        idle_timeout=_number(env, "LLM_ASYNC_POOL_IDLE_TIMEOUT", float, DEFAULT_IDLE_TIMEOUT),
         max_tasks=_number(env, "LLM_ASYNC_POOL_MAX_TASKS", int, None),
     )
     return Settings(
@@ -76,7 +74,5 @@ def _number(env, name, kind, default, zero_ok=False):
     except ValueError:
         value = None
     if value is None or value != value or value < 0 or (value == 0 and not zero_ok):
-        raise PoolConfigError(
-            f"{name}={raw!r} is not valid: use {what} {bound}, or unset it"
-        )
+        raise PoolConfigError(f"{name}={raw!r} is not valid: use {what} {bound}, or unset it")
     return value

@@ -39,9 +39,7 @@ def encode_job(
         model_id=model_id,
         stream=stream,
         prompt=_encode_prompt(prompt),
-        conversation=None
-        if conversation is None
-        else _encode_conversation(conversation),
+        conversation=None if conversation is None else _encode_conversation(conversation),
         key=key,
     )
 
@@ -51,9 +49,7 @@ def _encode_conversation(conversation: llm.AsyncConversation) -> ConversationSpe
     for earlier in conversation.responses:
         data = dict(earlier.to_dict())
         data.pop("prompt", None)  # carried, complete, by Turn.prompt
-        history.append(
-            Turn(_encode_prompt(earlier.prompt), data, capture_state(earlier))
-        )
+        history.append(Turn(_encode_prompt(earlier.prompt), data, capture_state(earlier)))
     loaded = conversation.loaded_messages
     return ConversationSpec(
         id=conversation.id,
@@ -116,9 +112,7 @@ def dumps_job(job: Job, model_name: str) -> bytes:
 
 def _find_unpicklable(job: Job) -> tuple[str, Exception] | None:
     spec = job.prompt
-    parts: list[tuple[str, Any]] = [
-        (f"option {name!r}", value) for name, value in spec.options
-    ]
+    parts: list[tuple[str, Any]] = [(f"option {name!r}", value) for name, value in spec.options]
     parts += [(f"attachment {i + 1}", a) for i, a in enumerate(spec.attachments)]
     parts += [(f"tool {getattr(t, 'name', t)!r}", t) for t in spec.tools]
     parts += [(f"tool result {r.name!r}", r) for r in spec.tool_results]
@@ -134,11 +128,7 @@ def _find_unpicklable(job: Job) -> tuple[str, Exception] | None:
 
 def apply_state(state: ResponseState, response: Any) -> None:
     """Replay the sync model's side effects through the public response API."""
-    if (
-        state.input_tokens is not None
-        or state.output_tokens is not None
-        or state.token_details
-    ):
+    if state.input_tokens is not None or state.output_tokens is not None or state.token_details:
         response.set_usage(
             input=state.input_tokens,
             output=state.output_tokens,
@@ -171,13 +161,9 @@ def decode_job(
             earlier.conversation = conversation
             conversation.responses.append(earlier)
         if spec.loaded_messages is not None:
-            conversation.loaded_messages = [
-                llm.Message.from_dict(m) for m in spec.loaded_messages
-            ]
+            conversation.loaded_messages = [llm.Message.from_dict(m) for m in spec.loaded_messages]
     prompt = _decode_prompt(job.prompt, model)
-    response = llm.Response(
-        prompt, model, job.stream, conversation=conversation, key=job.key
-    )
+    response = llm.Response(prompt, model, job.stream, conversation=conversation, key=job.key)
     return prompt, response, conversation
 
 

@@ -46,9 +46,7 @@ def run_job(job: Job, model: llm.Model, out: Out, control: Control) -> Event:
     try:
         prompt, response, conversation = decode_job(job, model)
         if isinstance(model, llm.KeyModel):
-            generator = model.execute(
-                prompt, job.stream, response, conversation, key=job.key
-            )
+            generator = model.execute(prompt, job.stream, response, conversation, key=job.key)
         else:
             generator = model.execute(prompt, job.stream, response, conversation)
         chunks = iter(generator)
@@ -112,9 +110,7 @@ class Outbox:
         self._seq = 0
         self._first = 0.0
         self._last_send = 0.0
-        threading.Thread(
-            target=self._flusher, name="outbox-flusher", daemon=True
-        ).start()
+        threading.Thread(target=self._flusher, name="outbox-flusher", daemon=True).start()
 
     def start(self, seq: int) -> None:
         self._seq = seq

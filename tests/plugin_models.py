@@ -98,9 +98,7 @@ class Probe(llm.Model):
         if options.reasoning:
             yield StreamEvent(type="reasoning", chunk="thinking hard")
         if options.call_tool and not prompt.tool_results:
-            response.add_tool_call(
-                llm.ToolCall(name=options.call_tool, arguments={"x": 2})
-            )
+            response.add_tool_call(llm.ToolCall(name=options.call_tool, arguments={"x": 2}))
             return
         if prompt.tool_results:
             yield "tool said: " + ", ".join(r.output for r in prompt.tool_results)

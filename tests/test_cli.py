@@ -71,9 +71,7 @@ def test_bad_pool_setting_gives_a_clear_error_and_models_still_list(user_dir):
     env = {**user_dir, "LLM_ASYNC_POOL": "gpu"}
     result = llm_cli("prompt", "--async", "-m", "markov", "hi", env=env)
     assert result.returncode == 1
-    assert (
-        "LLM_ASYNC_POOL='gpu' is not valid: use one of process, thread" in result.stderr
-    )
+    assert "LLM_ASYNC_POOL='gpu' is not valid: use one of process, thread" in result.stderr
     listed = llm_cli("models", "list", "--async", env=env)
     assert listed.returncode == 0, listed.stderr
     assert "markov" in listed.stdout
@@ -96,10 +94,7 @@ def last_turns(count):
     with sqlite3.connect(db_path) as db:
         db.row_factory = sqlite3.Row
         return [
-            dict(r)
-            for r in db.execute(
-                "select * from turns order by rowid desc limit ?", (count,)
-            )
+            dict(r) for r in db.execute("select * from turns order by rowid desc limit ?", (count,))
         ][::-1]
 
 
@@ -144,9 +139,7 @@ def test_status_command_lists_twins_and_live_workers():
     assert "markov" in twins and "probe" in twins and "probe-native" not in twins
     native = next(line for line in out.splitlines() if line.startswith("Native"))
     assert "probe-native" in native and "echo" in native
-    worker_lines = [
-        line for line in out.splitlines() if line.strip().startswith("pid ")
-    ]
+    worker_lines = [line for line in out.splitlines() if line.strip().startswith("pid ")]
     assert worker_lines and any("probe" in line for line in worker_lines)
     report = json.loads(run_cli("async-pool", "status", "--json"))
     (pool,) = [p for p in report["live_pools"] if p["pool"] == "process"]

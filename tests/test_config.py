@@ -19,9 +19,7 @@ from llm_async_procpool import PoolConfigError, config
         ("LLM_ASYNC_POOL_MAX_TASKS", "1.5", "an integer > 0"),
     ],
 )
-async def test_bad_value_fails_the_prompt_with_a_clear_error(
-    monkeypatch, name, value, expected
-):
+async def test_bad_value_fails_the_prompt_with_a_clear_error(monkeypatch, name, value, expected):
     monkeypatch.setenv(name, value)
     assert isinstance(llm.get_async_model("probe"), llm.AsyncModel)  # registry fine
     with pytest.raises(PoolConfigError) as info:
@@ -31,9 +29,7 @@ async def test_bad_value_fails_the_prompt_with_a_clear_error(
 
 
 def test_defaults_and_valid_values():
-    assert config.load({}) == config.Settings(
-        config.PoolSettings(workers=config.default_workers())
-    )
+    assert config.load({}) == config.Settings(config.PoolSettings(workers=config.default_workers()))
     settings = config.load(
         {
             "LLM_ASYNC_POOL": " Thread ",
@@ -44,9 +40,7 @@ def test_defaults_and_valid_values():
             "LLM_ASYNC_POOL_MAX_TASKS": "100",
         }
     )
-    assert settings == config.Settings(
-        config.PoolSettings("thread", 3, 60.0, 100), 2.5, 0.0
-    )
+    assert settings == config.Settings(config.PoolSettings("thread", 3, 60.0, 100), 2.5, 0.0)
 
 
 def test_pool_config_error_is_a_value_error():

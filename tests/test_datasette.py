@@ -32,9 +32,7 @@ def make_datasette(tmp_path, model_ref, rows=ROWS):
         [str(path)],
         config={
             "permissions": {"enrichments": {"id": "root"}},
-            "plugins": {
-                "datasette-llm": {"purposes": {"enrichments": {"model": model_ref}}}
-            },
+            "plugins": {"datasette-llm": {"purposes": {"enrichments": {"model": model_ref}}}},
         },
     )
 
@@ -62,16 +60,12 @@ async def enrich(ds, model_id, prompt="{{ body }}"):
 async def results(ds):
     db = ds.get_database("data")
     rows = [dict(r) for r in (await db.execute("select * from docs order by id")).rows]
-    errors = [
-        dict(r) for r in (await db.execute("select * from _enrichment_errors")).rows
-    ]
+    errors = [dict(r) for r in (await db.execute("select * from _enrichment_errors")).rows]
     return rows, errors
 
 
 async def test_markov_enrichment_with_options_from_datasette_llm(tmp_path):
-    ds = make_datasette(
-        tmp_path, {"model": "markov", "options": {"length": 5, "delay": 0}}
-    )
+    ds = make_datasette(tmp_path, {"model": "markov", "options": {"length": 5, "delay": 0}})
     job = await enrich(ds, "markov")
     await asyncio.wait_for(wait_for_job(ds, job, "data", timeout=60), 90)
     rows, errors = await results(ds)

@@ -151,9 +151,7 @@ async def test_timeout_raises_and_stops_the_worker(monkeypatch, tmp_path):
             chunks.append(chunk)
     elapsed = time.monotonic() - started_at
     assert isinstance(info.value, TimeoutError)
-    assert "'probe'" in str(info.value) and "LLM_ASYNC_POOL_TIMEOUT=0.4" in str(
-        info.value
-    )
+    assert "'probe'" in str(info.value) and "LLM_ASYNC_POOL_TIMEOUT=0.4" in str(info.value)
     assert 0.3 < elapsed < 3
     assert chunks  # what came before the timeout was delivered
     report = await asyncio.to_thread(wait_for_file, marker)
@@ -194,9 +192,7 @@ async def test_worker_crash_fails_the_prompt_fast_and_the_pool_recovers(fail, ex
     assert chunks == ["0 ", "1 ", "2 "]
     message = str(info.value)
     assert "'probe'" in message and expected in message
-    texts = await asyncio.gather(
-        *(probe().prompt(f"{i}", chunks=2).text() for i in range(4))
-    )
+    texts = await asyncio.gather(*(probe().prompt(f"{i}", chunks=2).text() for i in range(4)))
     assert texts == ["0 1 "] * 4
 
 

@@ -33,9 +33,7 @@ class Pool(ABC):
         self.settings = settings
 
     @abstractmethod
-    async def submit(
-        self, model: llm.Model, job: Job, timeout: float | None, grace: float
-    ) -> Run:
+    async def submit(self, model: llm.Model, job: Job, timeout: float | None, grace: float) -> Run:
         """Start ``job`` on a free worker, waiting for one if all are busy.
 
         ``timeout`` counts from the moment a worker takes the job; ``grace``

@@ -46,9 +46,7 @@ from ..wire import dumps_job
 from .base import Pool, WorkerInfo, rss_bytes
 from .run import Run
 
-START_METHOD = (
-    "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-)
+START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 PRELOAD = "llm_async_procpool._forkserver"
 #: Jobs larger than this are written from a helper thread, not the event loop.
 BIG_JOB = 1 << 20
@@ -136,14 +134,10 @@ class ProcessPool(Pool):
         self._waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = deque()
         self._seqs = itertools.count(1)
         self._closed = False
-        threading.Thread(
-            target=self._watch, name="procpool-watchdog", daemon=True
-        ).start()
+        threading.Thread(target=self._watch, name="procpool-watchdog", daemon=True).start()
 
     # ------------------------------------------------------------ submitting
-    async def submit(
-        self, model: llm.Model, job: Job, timeout: float | None, grace: float
-    ) -> Run:
+    async def submit(self, model: llm.Model, job: Job, timeout: float | None, grace: float) -> Run:
         job.seq = seq = next(self._seqs)
         payload = dumps_job(job, job.model_id)  # fails here, before a worker is taken
         loop = asyncio.get_running_loop()
@@ -170,9 +164,7 @@ class ProcessPool(Pool):
             slot.send(seq, payload)
         else:
             try:
-                await asyncio.shield(
-                    loop.run_in_executor(None, slot.send, seq, payload)
-                )
+                await asyncio.shield(loop.run_in_executor(None, slot.send, seq, payload))
             except asyncio.CancelledError:
                 run.close()
                 raise
@@ -306,9 +298,7 @@ class ProcessPool(Pool):
                 with self._lock:
                     run = slot.run
                 if run is not None:  # e.g. a chunk of a class the parent lacks
-                    run.deliver(
-                        Failed(run.seq, RemoteError(type(error).__name__, str(error)))
-                    )
+                    run.deliver(Failed(run.seq, RemoteError(type(error).__name__, str(error))))
                     self._cancel(slot, run.seq)
                 continue
             if type(event) is Chunks or type(event) is Started:

@@ -74,9 +74,7 @@ class Run:
             return
         if type(event) is Started:
             if self._timeout is not None:
-                self._timer = self.loop.call_later(
-                    self._timeout, self._expire, self._timeout
-                )
+                self._timer = self.loop.call_later(self._timeout, self._expire, self._timeout)
             return
         self._events.append(event)
         if self._waiter is not None and not self._waiter.done():

@@ -40,18 +40,14 @@ class ThreadPool(Pool):
 
     def __init__(self, settings):
         super().__init__(settings)
-        self._executor = ThreadPoolExecutor(
-            settings.workers, thread_name_prefix="llm-async-pool"
-        )
+        self._executor = ThreadPoolExecutor(settings.workers, thread_name_prefix="llm-async-pool")
         self._lock = threading.Lock()
         self._running: dict[int, Control] = {}
         self._served = 0
         self._models: set[str] = set()
         self._seqs = itertools.count(1)
 
-    async def submit(
-        self, model: llm.Model, job: Job, timeout: float | None, grace: float
-    ) -> Run:
+    async def submit(self, model: llm.Model, job: Job, timeout: float | None, grace: float) -> Run:
         job.seq = next(self._seqs)
         control = Control([0, 0])
         run = Run(

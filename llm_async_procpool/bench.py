@@ -1,0 +1,449 @@
+"""Side-by-side comparison of ways to run a sync model from async code.
+
+Contenders, measured in interleaved rounds (A B C D E, A B C D E, ...) so a
+noisy machine affects them all alike:
+
+- ``serial``: the sync model called in a loop, in this thread (the baseline);
+- ``thread``: this plugin with ``LLM_ASYNC_POOL=thread``;
+- ``process``: this plugin with ``LLM_ASYNC_POOL=process``;
+- ``all-models-async``: llm-all-models-async 0.1's thread-pool wrapper;
+- ``ceiling``: a plain ``multiprocessing.Pool`` running the same prompts with
+  no async, no streaming and no IPC per chunk: the parallelism the machine
+  really gives right now.
+
+Used by ``llm async-pool bench`` and by ``python -m benchmarks``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import cloudpickle
+import llm
+
+from .pools import live_pools, shutdown_pools
+from .pools.base import rss_bytes
+
+CONTENDERS = ("serial", "thread", "process", "all-models-async", "ceiling")
+HEARTBEAT = 0.001  # seconds the event-loop heartbeat sleeps
+
+
+@dataclass
+class Sample:
+    contender: str
+    concurrency: int
+    seconds: float = 0.0
+    chunks: int = 0
+    first_chunk: list[float] = field(default_factory=list)
+    lag: list[float] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class Workload:
+    model_id: str
+    prompt: str = "the cat sat on the mat and the dog sat on the log"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------- contenders
+def _run_serial(model: llm.Model, workload: Workload, count: int) -> Sample:
+    sample = Sample("serial", count)
+    started = time.perf_counter()
+    for _ in range(count):
+        begun = time.perf_counter()
+        first = True
+        for _chunk in model.prompt(workload.prompt, **workload.options):
+            if first:
+                sample.first_chunk.append(time.perf_counter() - begun)
+                first = False
+            sample.chunks += 1
+    sample.seconds = time.perf_counter() - started
+    return sample
+
+
+async def _run_async(model: llm.AsyncModel, workload: Workload, count: int, name: str) -> Sample:
+    sample = Sample(name, count)
+    stop = asyncio.Event()
+
+    async def heartbeat():
+        while not stop.is_set():
+            begun = time.perf_counter()
+            await asyncio.sleep(HEARTBEAT)
+            sample.lag.append(time.perf_counter() - begun - HEARTBEAT)
+
+    async def one():
+        begun = time.perf_counter()
+        first = True
+        async for _chunk in model.prompt(workload.prompt, **workload.options):
+            if first:
+                sample.first_chunk.append(time.perf_counter() - begun)
+                first = False
+            sample.chunks += 1
+
+    beat = asyncio.ensure_future(heartbeat())
+    started = time.perf_counter()
+    try:
+        await asyncio.gather(*(one() for _ in range(count)))
+    finally:
+        sample.seconds = time.perf_counter() - started
+        stop.set()
+        await beat
+    return sample
+
+
+def _ceiling_init(model_id: str, blob: bytes) -> None:
+    global _ceiling_model
+    found = {m.model.model_id: m.model for m in llm.get_models_with_aliases() if m.model}
+    _ceiling_model = found.get(model_id) or cloudpickle.loads(blob)
+
+
+def _ceiling_run(workload: Workload) -> int:
+    return sum(1 for _ in _ceiling_model.prompt(workload.prompt, **workload.options))
+
+
+_ceiling_model: llm.Model | None = None  # set in ceiling pool workers only
+
+
+class Contenders:
+    """Everything the contenders need, built once per bench run."""
+
+    def __init__(self, model_id: str, workers: int, names: Iterable[str]):
+        self.sync_model = llm.get_model(model_id)
+        self.workers = workers
+        self.names = list(names)
+        self.ceiling = None
+        if "ceiling" in self.names:
+            # spawn: independent of the forkserver the process pool preloads
+            context = multiprocessing.get_context("spawn")
+            self.ceiling = context.Pool(
+                workers,
+                initializer=_ceiling_init,
+                initargs=(self.sync_model.model_id, cloudpickle.dumps(self.sync_model)),
+            )
+
+    def close(self) -> None:
+        if self.ceiling is not None:
+            self.ceiling.terminate()
+            self.ceiling.join()
+
+    def async_model(self, name: str) -> llm.AsyncModel:
+        if name == "all-models-async":
+            import llm_all_models_async as old
+
+            if isinstance(self.sync_model, llm.KeyModel):
+                return old.AsyncKeyModelWrapper(self.sync_model)
+            return old.AsyncModelWrapper(self.sync_model)
+        os.environ["LLM_ASYNC_POOL"] = name
+        return llm.get_async_model(self.sync_model.model_id)
+
+    def measure(self, name: str, workload: Workload, count: int) -> Sample:
+        try:
+            if name == "serial":
+                return _run_serial(self.sync_model, workload, count)
+            if name == "ceiling":
+                sample = Sample(name, count)
+                started = time.perf_counter()
+                sample.chunks = sum(self.ceiling.map(_ceiling_run, [workload] * count))
+                sample.seconds = time.perf_counter() - started
+                return sample
+            if name == "all-models-async":
+                try:
+                    import llm_all_models_async  # noqa: F401
+                except ImportError:
+                    return Sample(name, count, error="not installed")
+            model = self.async_model(name)
+            return asyncio.run(_run_async(model, workload, count, name))
+        except Exception as error:
+            message = " ".join(f"{type(error).__name__}: {error}".split())
+            return Sample(name, count, error=message)
+
+
+# ----------------------------------------------------------------- the run
+def run(
+    workload: Workload,
+    concurrencies: list[int],
+    rounds: int = 3,
+    workers: int | None = None,
+    contenders: Iterable[str] = CONTENDERS,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Measure every contender at every concurrency, interleaved, ``rounds`` times."""
+    saved = {k: os.environ.get(k) for k in ("LLM_ASYNC_POOL", "LLM_ASYNC_POOL_WORKERS")}
+    workers = workers or os.cpu_count() or 1
+    os.environ["LLM_ASYNC_POOL_WORKERS"] = str(workers)
+    shutdown_pools()
+    names = [n for n in CONTENDERS if n in set(contenders)]
+    bench = Contenders(workload.model_id, workers, names)
+    try:
+        starts = _start_times(bench, workload, names)
+        for name in names:  # start every worker, so round 1 is warm too
+            bench.measure(name, workload, workers)
+        samples: list[Sample] = []
+        total = rounds * len(concurrencies) * len(names)
+        for r in range(rounds):
+            for count in concurrencies:
+                for name in names:
+                    if progress:
+                        progress(f"round {r + 1}/{rounds}: {name} x{count}")
+                    samples.append(bench.measure(name, workload, count))
+                    if progress:
+                        progress(f"{len(samples)}/{total}")
+        memory = _memory()
+    finally:
+        bench.close()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return {
+        "machine": machine(),
+        "workload": asdict(workload),
+        "workers": workers,
+        "rounds": rounds,
+        "start": starts,
+        "memory": memory,
+        "results": summarize(samples),
+    }
+
+
+def _start_times(bench: Contenders, workload: Workload, names: list[str]) -> dict:
+    """First prompt of a fresh pool (spawn and model load) against the next one."""
+    times = {}
+    for name in ("thread", "process"):  # process last: its pool stays up
+        if name not in names:
+            continue
+        shutdown_pools()
+        measured = []
+        for _ in range(2):
+            sample = bench.measure(name, workload, 1)
+            measured.append(sample.first_chunk[0] if sample.first_chunk else None)
+        times[name] = {"cold_first_chunk": measured[0], "warm_first_chunk": measured[1]}
+    return times
+
+
+def _memory() -> dict:
+    workers = [
+        {"pid": w.pid, "rss_mb": (w.rss_bytes or 0) / 2**20}
+        for pool in live_pools()
+        if pool.kind == "process"
+        for w in pool.workers()
+    ]
+    return {"parent_rss_mb": (rss_bytes(os.getpid()) or 0) / 2**20, "workers": workers}
+
+
+def summarize(samples: list[Sample]) -> list[dict]:
+    groups: dict[tuple[str, int], list[Sample]] = {}
+    for sample in samples:
+        groups.setdefault((sample.contender, sample.concurrency), []).append(sample)
+    rows = []
+    for (name, count), group in groups.items():
+        errors = [s.error for s in group if s.error]
+        ok = [s for s in group if not s.error]
+        row: dict[str, Any] = {"contender": name, "concurrency": count}
+        if not ok:
+            row["error"] = errors[0]
+            rows.append(row)
+            continue
+        rates = [count / s.seconds for s in ok]
+        row.update(
+            prompts_per_s=statistics.median(rates),
+            spread=[min(rates), max(rates)],
+            tokens_per_s=statistics.median(s.chunks / s.seconds for s in ok),
+        )
+        firsts = [t for s in ok for t in s.first_chunk]
+        if firsts:
+            row["first_chunk_ms"] = {
+                "p50": _pct(firsts, 50) * 1000,
+                "p95": _pct(firsts, 95) * 1000,
+            }
+        lags = [t for s in ok for t in s.lag]
+        if lags:
+            row["loop_lag_ms"] = {
+                "p50": _pct(lags, 50) * 1000,
+                "p99": _pct(lags, 99) * 1000,
+                "max": max(lags) * 1000,
+            }
+        rows.append(row)
+    return rows
+
+
+def _pct(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]
+
+
+def machine() -> dict:
+    import platform
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "llm": _version("llm"),
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def _version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+# ----------------------------------------------------------------- output
+def table(report: dict) -> str:
+    """A console table: one line per contender and concurrency."""
+    head = (
+        f"{'contender':<17}{'conc':>5}{'prompts/s':>11}{'spread':>15}"
+        f"{'x serial':>9}{'tokens/s':>10}{'ttfc p50/p95 ms':>18}{'lag p50/p99/max ms':>22}"
+    )
+    lines = [head, "-" * len(head)]
+    serial = {
+        r["concurrency"]: r.get("prompts_per_s")
+        for r in report["results"]
+        if r["contender"] == "serial"
+    }
+    for r in sorted(
+        report["results"],
+        key=lambda r: (r["concurrency"], CONTENDERS.index(r["contender"])),
+    ):
+        if "error" in r:
+            lines.append(f"{r['contender']:<17}{r['concurrency']:>5}  fails: {r['error'][:80]}")
+            continue
+        base = serial.get(r["concurrency"])
+        ratio = f"{r['prompts_per_s'] / base:.2f}x" if base else "-"
+        ttfc = r.get("first_chunk_ms")
+        lag = r.get("loop_lag_ms")
+        lines.append(
+            f"{r['contender']:<17}{r['concurrency']:>5}{r['prompts_per_s']:>11.2f}"
+            f"{r['spread'][0]:>7.2f}-{r['spread'][1]:<7.2f}{ratio:>9}{r['tokens_per_s']:>10.0f}"
+            + (f"{ttfc['p50']:>9.2f}/{ttfc['p95']:<8.2f}" if ttfc else f"{'-':>18}")
+            + (f"{lag['p50']:>8.2f}/{lag['p99']:.2f}/{lag['max']:.2f}" if lag else f"{'-':>10}")
+        )
+    start = report.get("start") or {}
+    for name, times in start.items():
+        cold, warm = times["cold_first_chunk"], times["warm_first_chunk"]
+        if cold is not None and warm is not None:
+            lines.append(
+                f"{name}: cold first chunk {cold * 1000:.0f} ms, warm {warm * 1000:.1f} ms"
+            )
+    memory = report.get("memory") or {}
+    if memory:
+        workers = ", ".join(f"{w['rss_mb']:.0f}" for w in memory.get("workers", []))
+        lines.append(f"RSS: parent {memory['parent_rss_mb']:.0f} MB; workers [{workers}] MB")
+    return "\n".join(lines)
+
+
+def markdown(report: dict) -> str:
+    rows = [
+        "| contender | concurrency | prompts/s (median) | spread | tokens/s "
+        "| first chunk p50 / p95 ms | loop lag p50 / p99 / max ms |",
+        "|---|---:|---:|---|---:|---|---|",
+    ]
+    for r in sorted(
+        report["results"],
+        key=lambda r: (r["concurrency"], CONTENDERS.index(r["contender"])),
+    ):
+        if "error" in r:
+            rows.append(
+                f"| {r['contender']} | {r['concurrency']} | fails | {r['error'][:60]} | | | |"
+            )
+            continue
+        ttfc = r.get("first_chunk_ms")
+        lag = r.get("loop_lag_ms")
+        rows.append(
+            f"| {r['contender']} | {r['concurrency']} | {r['prompts_per_s']:.2f} | "
+            f"{r['spread'][0]:.2f}-{r['spread'][1]:.2f} | {r['tokens_per_s']:.0f} | "
+            + (f"{ttfc['p50']:.2f} / {ttfc['p95']:.2f} | " if ttfc else "- | ")
+            + (f"{lag['p50']:.2f} / {lag['p99']:.2f} / {lag['max']:.2f} |" if lag else "- |")
+        )
+    return "\n".join(rows)
+
+
+def plot(reports: list[dict], path: str) -> bool:
+    """Throughput and loop lag against concurrency; False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    figure, axes = plt.subplots(len(reports), 2, figsize=(11, 3.2 * len(reports)), squeeze=False)
+    for (left, right), report in zip(axes, reports, strict=True):
+        title = report["workload"]["model_id"]
+        for name in CONTENDERS:
+            rows = sorted(
+                (r for r in report["results"] if r["contender"] == name and "error" not in r),
+                key=lambda r: r["concurrency"],
+            )
+            if not rows:
+                continue
+            xs = [r["concurrency"] for r in rows]
+            left.plot(xs, [r["prompts_per_s"] for r in rows], marker="o", label=name)
+            lagged = [r for r in rows if "loop_lag_ms" in r]
+            if lagged:
+                right.plot(
+                    [r["concurrency"] for r in lagged],
+                    [r["loop_lag_ms"]["p99"] for r in lagged],
+                    marker="o",
+                    label=name,
+                )
+        left.set_title(f"{title}: prompts/s (median)")
+        right.set_title(f"{title}: event-loop lag p99 (ms)")
+        for axis in (left, right):
+            axis.set_xlabel("concurrency")
+            axis.set_xscale("log", base=2)
+            axis.grid(True, alpha=0.3)
+        right.set_yscale("log")
+        left.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    return True
+
+
+def save(reports: list[dict], json_path: str | None, markdown_path: str | None) -> None:
+    if json_path:
+        with open(json_path, "w") as out:
+            json.dump(reports, out, indent=2)
+    if markdown_path:
+        with open(markdown_path, "w") as out:
+            for report in reports:
+                out.write(
+                    f"### {report['workload']['model_id']} {report['workload']['options']}\n\n"
+                )
+                out.write(markdown(report) + "\n\n")
+
+
+def progress_bar(stream=sys.stderr) -> Callable[[str], None]:
+    """A one-line progress display: 'n/total' messages move the bar."""
+    state = {"label": ""}
+
+    def show(message: str) -> None:
+        if "/" in message and message.split("/")[0].isdigit():
+            done, total = (int(x) for x in message.split("/"))
+            filled = int(30 * done / total)
+            stream.write(
+                f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} {state['label']:<40}"
+            )
+            if done == total:
+                stream.write("\n")
+        else:
+            state["label"] = message
+        stream.flush()
+
+    return show
