@@ -3,9 +3,10 @@
 Parent to worker: a ``Job`` (one prompt, with its conversation), framed by
 ``pools.process`` as an 8-byte sequence number and a cloudpickle payload.
 
-Worker to parent, in order, for each job: ``Started`` (the model is loaded;
-the timeout starts now), ``Chunks*``, then exactly one of ``Done`` /
-``Failed``. Instead of all that, a worker may answer ``NeedModel``.
+Worker to parent, in order, for each job: ``Started`` (only when the worker
+had to load the model first: the timeout restarts), ``Chunks*``, then exactly
+one of ``Done`` / ``Failed``. Instead of all that, a worker may answer
+``NeedModel``.
 ``NeedModel`` asks the parent to send the job again with the model pickled,
 because the worker's own plugin registry does not know that model id.
 

@@ -72,7 +72,7 @@ class _Twin:
                 if type(event) is Chunks:
                     for item in event.items:
                         yield item
-                        run.take(1)
+                    run.take(len(event.items))  # per batch: the window is approximate
                     continue
                 run.finished()
                 if event.state is not None:

@@ -97,7 +97,18 @@ def _plain_tool_result(result: llm.ToolResult) -> llm.ToolResult:
 
 
 def dumps_job(job: Job, model_name: str) -> bytes:
-    """Pickle a job; on failure say which part of the prompt is at fault."""
+    """Pickle a job; on failure say which part of the prompt is at fault.
+
+    The C pickler is three times faster; cloudpickle is needed only for what
+    pickle cannot do, or does by a reference to ``__main__`` (a notebook's
+    class, say) that a worker could not resolve.
+    """
+    try:
+        data = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
+        if b"__main__" not in data:
+            return data
+    except Exception:
+        pass
     try:
         return cloudpickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as error:

@@ -88,10 +88,17 @@ def _close(generator: Any) -> None:
 
 
 def _wait_for_window(control: Control, seq: int, sent: int) -> None:
+    """Pause until the consumer has taken half the window (or the job is stopped).
+
+    Resuming at half keeps chunks in flight while the consumer drains the rest;
+    polling is fine-grained at first, then backs off for a consumer that left.
+    """
+    paused = time.monotonic()
     delay = 0.0002
-    while sent - control.consumed() >= WINDOW and not control.cancelled(seq):
+    while sent - control.consumed() > WINDOW // 2 and not control.cancelled(seq):
         time.sleep(delay)
-        delay = min(delay * 2, 0.01)
+        cap = 0.001 if time.monotonic() - paused < 0.5 else 0.01
+        delay = min(delay * 2, cap)
 
 
 class Outbox:
@@ -196,6 +203,7 @@ def serve() -> str:
         try:
             job = pickle.loads(memoryview(data)[8:])
             del data
+            loaded_now = job.model_id not in worker.models
             model = _model(worker, job)
         except BaseException as error:
             text = traceback.format_exc()
@@ -205,7 +213,8 @@ def serve() -> str:
             worker.out.send(NeedModel(seq))
             continue
         worker.out.start(seq)
-        worker.out.send(Started(seq))
+        if loaded_now:  # restart the prompt's timeout: loading is not running
+            worker.out.send(Started(seq))
         worker.out.send(run_job(job, model, worker.out, worker.control))
         del job
 

@@ -26,7 +26,7 @@ async def test_pool_size_is_respected(monkeypatch):
     assert len(pool.workers()) == 3
 
 
-async def test_model_loads_once_per_worker():
+async def test_model_loads_once_per_worker(pool_kind):
     seen = await _pids("probe", 10, chunks=2, delay=0.01)
     assert {s["loads"] for s in seen} == {1}
     seen += await _pids("probe", 6, chunks=1)

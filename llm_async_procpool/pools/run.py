@@ -36,6 +36,7 @@ class Run:
         self._closed = False
         self._timeout = timeout
         self._timer: asyncio.TimerHandle | None = None
+        self._arm()
 
     def deliver(self, event: Event) -> None:
         """Called from any thread."""
@@ -73,12 +74,18 @@ class Run:
         if self._closed:
             return
         if type(event) is Started:
-            if self._timeout is not None:
-                self._timer = self.loop.call_later(self._timeout, self._expire, self._timeout)
+            self._arm()
             return
         self._events.append(event)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+
+    def _arm(self) -> None:
+        """(Re)start the timeout: at dispatch, and again once a model is loaded."""
+        if self._timeout is not None:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_later(self._timeout, self._expire, self._timeout)
 
     def _expire(self, timeout: float) -> None:
         self._timer = None

@@ -16,7 +16,7 @@ from typing import Any
 
 import llm
 
-from ..messages import Chunks, Control, Job, Started
+from ..messages import Chunks, Control, Job
 from ..worker import run_job
 from .base import Pool, WorkerInfo, rss_bytes
 from .run import Run
@@ -44,7 +44,7 @@ class ThreadPool(Pool):
         self._lock = threading.Lock()
         self._running: dict[int, Control] = {}
         self._served = 0
-        self._models: set[str] = set()
+        self._models: dict[str, llm.Model] = {}
         self._seqs = itertools.count(1)
 
     async def submit(self, model: llm.Model, job: Job, timeout: float | None, grace: float) -> Run:
@@ -59,7 +59,9 @@ class ThreadPool(Pool):
             timeout=timeout,
         )
         with self._lock:
-            self._models.add(job.model_id)
+            # Keep the first instance per model id, as a worker process does, so a
+            # lazy weight load happens once, not once per get_async_model() call.
+            model = self._models.setdefault(job.model_id, model)
         self._executor.submit(self._run, job, model, run, control)
         return run
 
@@ -67,7 +69,6 @@ class ThreadPool(Pool):
         with self._lock:
             self._running[job.seq] = control
         try:
-            run.deliver(Started(job.seq))
             run.deliver(run_job(job, model, _Direct(run), control))
         finally:
             with self._lock:

@@ -1,0 +1,270 @@
+"""The full benchmark: every workload, plus blast throughput and first-chunk latency.
+
+    python -m benchmarks                # about 10 minutes on 2 cores
+    python -m benchmarks --quick        # a smoke run
+
+Writes benchmarks/results/<time>.{json,md,png} and benchmarks/latest.*, and
+prints each target from the README with the figure measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import llm
+
+from benchmarks.models import register_plugin
+from llm_async_procpool import bench, config, shutdown_pools
+from llm_async_procpool.messages import Chunks
+from llm_async_procpool.pools import get_pool
+from llm_async_procpool.wire import encode_job
+
+HERE = Path(__file__).parent
+
+WORKLOADS = [
+    bench.Workload("bench-gil", "gil", {"tokens": 40, "work": 20_000}),
+    bench.Workload("bench-native", "native", {"tokens": 40, "work": 100_000}),
+    bench.Workload("bench-sleep", "sleep", {"tokens": 20, "work": 2_000}),
+    bench.Workload(
+        "markov", "the cat sat on the mat and the dog sat on the log", {"length": 200, "delay": 0}
+    ),
+    bench.Workload("bench-big", "big", {"tokens": 10, "work": 2_000}),
+]
+
+
+class _NativeBlast(llm.AsyncModel):
+    """A native async model with no work: llm's own per-chunk ceiling."""
+
+    model_id = "native-blast"
+
+    async def execute(self, prompt, stream, response, conversation):
+        for _ in range(int(prompt.prompt)):
+            yield "x"
+
+
+async def _blast(kind: str, tokens: int) -> float:
+    """Chunks per second reaching the consumer from one prompt with no model work.
+
+    ``transport`` reads the pool's events directly; ``process`` and ``thread``
+    go through llm's AsyncResponse, as every caller does; ``llm native async``
+    is what AsyncResponse allows any async model.
+    """
+    count = 0
+    started = time.perf_counter()
+    if kind == "llm native async":
+        async for _chunk in _NativeBlast().prompt(str(tokens)):
+            count += 1
+    elif kind == "transport":
+        settings = config.load()
+        model = llm.get_model("bench-blast")
+        prompt = model.prompt("b", tokens=tokens, work=0).prompt
+        job = encode_job(model.model_id, prompt, True, None, None)
+        run = await get_pool(settings.pool).submit(model, job, None, settings.grace)
+        while type(event := await run.next()) is Chunks:
+            count += len(event.items)
+            run.take(len(event.items))
+        run.finished()
+    else:
+        model = llm.get_async_model("bench-blast")
+        async for _chunk in model.prompt("b", tokens=tokens, work=0):
+            count += 1
+    return count / (time.perf_counter() - started)
+
+
+def blast(rounds: int, tokens: int) -> dict:
+    kinds = ("transport", "process", "llm native async", "thread")
+    rates: dict[str, list[float]] = {kind: [] for kind in kinds}
+    for _ in range(rounds):
+        for kind in kinds:
+            os.environ["LLM_ASYNC_POOL"] = "thread" if kind == "thread" else "process"
+            rates[kind].append(asyncio.run(_blast(kind, tokens)))
+    return {kind: _spread(values) for kind, values in rates.items()}
+
+
+async def _first_chunks(model, count: int) -> list[float]:
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        async for _chunk in model.prompt("l", tokens=1, work=0):
+            times.append(time.perf_counter() - started)
+    return times
+
+
+def first_chunk_latency(rounds: int, count: int) -> dict:
+    """Warm time to first chunk, in-process sync call against each pool."""
+    sync_model = llm.get_model("bench-blast")
+    times: dict[str, list[float]] = {"in-process sync": [], "process": [], "thread": []}
+    for _ in range(rounds):
+        for _ in range(count):
+            started = time.perf_counter()
+            for _chunk in sync_model.prompt("l", tokens=1, work=0):
+                times["in-process sync"].append(time.perf_counter() - started)
+        for kind in ("process", "thread"):
+            os.environ["LLM_ASYNC_POOL"] = kind
+            model = llm.get_async_model("bench-blast")
+            times[kind] += asyncio.run(_first_chunks(model, count))
+    return {
+        kind: {"p50_ms": statistics.median(v) * 1000, "p95_ms": bench._pct(v, 95) * 1000}
+        for kind, v in times.items()
+    }
+
+
+def _spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def targets(reports: list[dict], extra: dict, workers: int) -> list[tuple[str, str, bool]]:
+    """Each README target, with this run's figure and whether it is met."""
+    by_model = {r["workload"]["model_id"]: r for r in reports}
+    found = []
+
+    def row(model_id, contender, count):
+        for r in by_model.get(model_id, {}).get("results", []):
+            if r["contender"] == contender and r["concurrency"] == count and "error" not in r:
+                return r
+        return None
+
+    gil = by_model.get("bench-gil")
+    if gil:
+        counts = sorted({r["concurrency"] for r in gil["results"] if r["concurrency"] >= workers})
+        ratios = []
+        for count in counts:
+            process, ceiling = (
+                row("bench-gil", "process", count),
+                row("bench-gil", "ceiling", count),
+            )
+            if process and ceiling:
+                ratios.append(process["prompts_per_s"] / ceiling["prompts_per_s"])
+        if ratios:
+            found.append(
+                (
+                    "GIL-bound throughput >= 0.9 x raw ceiling (concurrency >= workers)",
+                    ", ".join(f"{r:.2f}x" for r in ratios),
+                    min(ratios) >= 0.9,
+                )
+            )
+        lags = [
+            row("bench-gil", "process", c)["loop_lag_ms"]["p99"]
+            for c in counts
+            if row("bench-gil", "process", c)
+        ]
+        if lags:
+            found.append(
+                (
+                    "event-loop lag p99 <= 2 ms with every worker busy",
+                    ", ".join(f"{v:.2f} ms" for v in lags),
+                    max(lags) <= 2.0,
+                )
+            )
+    blasts = extra["blast"]
+    chunks = blasts["transport"]["median"]
+    found.append(
+        (
+            "blast from one worker >= 200,000 chunks/s (pool transport)",
+            f"{chunks:,.0f} chunks/s",
+            chunks >= 200_000,
+        )
+    )
+    through, ceiling = blasts["process"]["median"], blasts["llm native async"]["median"]
+    found.append(
+        (
+            "blast through llm's AsyncResponse >= 200,000 chunks/s",
+            f"{through:,.0f} chunks/s; a native async model gets {ceiling:,.0f} "
+            f"({through / ceiling:.2f}x of llm's own ceiling)",
+            through >= 200_000,
+        )
+    )
+    latency = extra["first_chunk"]
+    added = latency["process"]["p50_ms"] - latency["in-process sync"]["p50_ms"]
+    found.append(
+        (
+            "warm first chunk adds <= 0.3 ms at p50 over in-process sync",
+            f"{added:.3f} ms",
+            added <= 0.3,
+        )
+    )
+    for model_id in ("bench-native", "bench-sleep"):
+        if model_id in by_model:
+            counts = sorted({r["concurrency"] for r in by_model[model_id]["results"]})
+            ratios = []
+            for count in counts:
+                process, thread = row(model_id, "process", count), row(model_id, "thread", count)
+                if process and thread:
+                    ratios.append(process["prompts_per_s"] / thread["prompts_per_s"])
+            if ratios:
+                found.append(
+                    (
+                        f"{model_id}: process >= 0.9 x thread at every concurrency",
+                        ", ".join(f"{r:.2f}x" for r in ratios),
+                        min(ratios) >= 0.9,
+                    )
+                )
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one round, small sizes")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--concurrency", default="1,2,4,8")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--only", help="comma-separated model ids to run")
+    args = parser.parse_args(argv)
+    register_plugin()
+    rounds = 1 if args.quick else args.rounds
+    counts = [1, 2] if args.quick else [int(c) for c in args.concurrency.split(",")]
+    workloads = [w for w in WORKLOADS if not args.only or w.model_id in args.only.split(",")]
+    show = bench.progress_bar()
+    reports = []
+    for workload in workloads:
+        report = bench.run(workload, counts, rounds, args.workers, bench.CONTENDERS, show)
+        reports.append(report)
+        print(f"\n{workload.model_id} {workload.options}, {args.workers} workers, {rounds} rounds:")
+        print(bench.table(report))
+    os.environ["LLM_ASYNC_POOL_WORKERS"] = str(args.workers)
+    extra = {
+        "blast": blast(rounds=3 if args.quick else 7, tokens=50_000 if args.quick else 300_000),
+        "first_chunk": first_chunk_latency(
+            rounds=1 if args.quick else 5, count=50 if args.quick else 200
+        ),
+    }
+    shutdown_pools()
+    print(f"\nblast, chunks/s from one worker: {json.dumps(extra['blast'])}")
+    print(f"warm first chunk: {json.dumps(extra['first_chunk'])}")
+    results = targets(reports, extra, args.workers)
+    print("\nTargets:")
+    for name, figure, met in results:
+        print(f"  [{'met' if met else 'MISSED'}] {name}: {figure}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = HERE / "results"
+    out.mkdir(exist_ok=True)
+    payload = {
+        "machine": bench.machine(),
+        "workloads": reports,
+        "extra": extra,
+        "targets": [{"target": n, "measured": f, "met": m} for n, f, m in results],
+    }
+    (out / f"{stamp}.json").write_text(json.dumps(payload, indent=2))
+    bench.save(reports, None, str(out / f"{stamp}.md"))
+    with open(out / f"{stamp}.md", "a") as md:
+        md.write("### Targets\n\n| target | measured | met |\n|---|---|---|\n")
+        for name, figure, met in results:
+            md.write(f"| {name} | {figure} | {'yes' if met else 'no'} |\n")
+    plotted = bench.plot(reports, str(out / f"{stamp}.png"))
+    if not args.quick:
+        for suffix in ("json", "md") + (("png",) if plotted else ()):
+            shutil.copy(out / f"{stamp}.{suffix}", HERE / f"latest.{suffix}")
+    print(f"\nwrote {out / stamp}.*")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
