@@ -27,6 +27,10 @@ from .wire import capture_state, decode_job, portable_error
 MAX_HOLD = 0.002
 #: Largest batch of chunks in one pipe write.
 MAX_BATCH = 1024
+#: Chunks closer together than this, in seconds, are a fast stream: batch them.
+FAST_GAP = 0.0002
+#: Workers run this much nicer than the parent, whose event loop serves users.
+NICENESS = 5
 
 
 class Control(Protocol):
@@ -102,11 +106,12 @@ def _wait_for_window(control: Control, seq: int, sent: int) -> None:
 
 
 class Outbox:
-    """Batches chunks so a fast stream costs one pipe write per batch.
+    """Batches the chunks of a fast stream so it costs one pipe write per batch.
 
-    A chunk after a quiet spell goes at once; a chunk in a fast stream waits
-    for its batch, at most ``MAX_HOLD`` (a flusher thread covers a model that
-    stalls mid-batch).
+    A chunk that comes more than ``FAST_GAP`` after the previous one goes at
+    once: for a slow model a write per chunk is cheap, and batching would only
+    add latency. In a fast stream a chunk waits for its batch, at most
+    ``MAX_HOLD``; a flusher thread covers a model that stalls mid-batch.
     """
 
     def __init__(self, connection: Any):
@@ -116,7 +121,7 @@ class Outbox:
         self._batch: list[Any] = []
         self._seq = 0
         self._first = 0.0
-        self._last_send = 0.0
+        self._last_put = 0.0
         threading.Thread(target=self._flusher, name="outbox-flusher", daemon=True).start()
 
     def start(self, seq: int) -> None:
@@ -128,30 +133,30 @@ class Outbox:
             batch = self._batch
             batch.append(chunk)
             if len(batch) == 1:
-                if now - self._last_send >= MAX_HOLD:
-                    self._flush_locked(now)
+                if now - self._last_put >= FAST_GAP:
+                    self._flush_locked()
                 else:
                     self._first = now
                     self._wake.notify()
             elif now - self._first >= MAX_HOLD / 2 or len(batch) >= MAX_BATCH:
-                self._flush_locked(now)
+                self._flush_locked()
+            self._last_put = now
 
     def flush(self) -> None:
         with self._lock:
             if self._batch:
-                self._flush_locked(time.perf_counter())
+                self._flush_locked()
 
     def send(self, event: Event) -> None:
         data = pickle.dumps(event, protocol=pickle.HIGHEST_PROTOCOL)
         with self._lock:
             self._connection.send_bytes(data)
 
-    def _flush_locked(self, now: float) -> None:
+    def _flush_locked(self) -> None:
         batch, self._batch = self._batch, []
         self._connection.send_bytes(
             pickle.dumps(Chunks(self._seq, batch), protocol=pickle.HIGHEST_PROTOCOL)
         )
-        self._last_send = now
 
     def _flusher(self) -> None:
         with self._wake:
@@ -163,7 +168,7 @@ class Outbox:
                 if due > 0:
                     self._wake.wait(due)
                 else:
-                    self._flush_locked(time.perf_counter())
+                    self._flush_locked()
 
 
 class _Worker:
@@ -184,6 +189,8 @@ def init(jobs: Any, events: Any, shared: Any, environ: dict[str, str]) -> None:
 
     global _worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the parent's to handle
+    if hasattr(os, "nice"):  # the parent's event loop wins the CPU when it wakes
+        os.nice(NICENESS)
     os.environ.clear()
     os.environ.update(environ)
     sys.setswitchinterval(0.001)  # lets the outbox flusher in within MAX_HOLD
