@@ -94,13 +94,26 @@ class BigModel(_Bench):
         GilBound.step(work)
 
 
+class GilPlain(llm.Model):
+    """The GIL-bound workload with no options, so llm-all-models-async (which
+    never copies a model's Options) can run it too."""
+
+    model_id = "bench-gil-plain"
+    can_stream = True
+
+    def execute(self, prompt, stream, response, conversation):
+        for i in range(40):
+            GilBound.step(20_000)
+            yield f"{prompt.prompt}-{i} "
+
+
 class Soak(GilBound):
     """Deterministic output for the soak run: ``{prompt}-{i} `` per chunk."""
 
     model_id = "soak"
 
 
-MODELS = (GilBound, NativeRelease, Sleeper, Blast, BigModel, Soak)
+MODELS = (GilBound, GilPlain, NativeRelease, Sleeper, Blast, BigModel, Soak)
 
 
 @llm.hookimpl

@@ -31,6 +31,7 @@ HERE = Path(__file__).parent
 
 WORKLOADS = [
     bench.Workload("bench-gil", "gil", {"tokens": 40, "work": 20_000}),
+    bench.Workload("bench-gil-plain", "gil"),
     bench.Workload("bench-native", "native", {"tokens": 40, "work": 100_000}),
     bench.Workload("bench-sleep", "sleep", {"tokens": 20, "work": 2_000}),
     bench.Workload(
