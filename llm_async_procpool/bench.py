@@ -34,6 +34,7 @@ from .pools import live_pools, shutdown_pools
 from .pools.base import rss_bytes
 
 CONTENDERS = ("serial", "thread", "process", "all-models-async", "ceiling")
+COLORS = dict(zip(CONTENDERS, ("C0", "C1", "C2", "C4", "C3"), strict=True))
 HEARTBEAT = 0.001  # seconds the event-loop heartbeat sleeps
 
 
@@ -394,14 +395,14 @@ def plot(reports: list[dict], path: str) -> bool:
             if not rows:
                 continue
             xs = [r["concurrency"] for r in rows]
-            left.plot(xs, [r["prompts_per_s"] for r in rows], marker="o", label=name)
+            style = {"marker": "o", "label": name, "color": COLORS[name]}
+            left.plot(xs, [r["prompts_per_s"] for r in rows], **style)
             lagged = [r for r in rows if "loop_lag_ms" in r]
             if lagged:
                 right.plot(
                     [r["concurrency"] for r in lagged],
                     [r["loop_lag_ms"]["p99"] for r in lagged],
-                    marker="o",
-                    label=name,
+                    **style,
                 )
         left.set_title(f"{title}: prompts/s (median)")
         right.set_title(f"{title}: event-loop lag p99 (ms)")
@@ -411,6 +412,7 @@ def plot(reports: list[dict], path: str) -> bool:
             axis.grid(True, alpha=0.3)
         right.set_yscale("log")
         left.legend(fontsize=7)
+        right.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=90)
     return True

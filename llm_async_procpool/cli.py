@@ -142,7 +142,8 @@ def register(cli: click.Group) -> None:
             except llm.UnknownModelError as error:
                 raise click.ClickException(str(error)) from None
             try:
-                validated = {k: v for k, v in model.Options(**dict(options)) if v is not None}
+                given = model.Options(**dict(options))  # validated, typed
+                validated = {name: getattr(given, name) for name in given.model_fields_set}
             except Exception as error:
                 raise click.ClickException(f"Invalid option for {model_id}: {error}") from None
             workload = bench.Workload(model.model_id, prompt, validated)

@@ -14,7 +14,7 @@ from typing import Any
 import llm
 
 from . import config
-from .errors import RemoteTraceback
+from .errors import PoolClosed, RemoteTraceback
 from .messages import Chunks, Done
 from .pools import get_pool
 from .wire import apply_state, encode_job
@@ -78,6 +78,11 @@ class _Twin:
                 if event.state is not None:
                     apply_state(event.state, response)
                 if type(event) is Done:
+                    if event.cancelled:  # stopped, but not by this consumer
+                        raise PoolClosed(
+                            f"Model {self.model_id!r} was stopped before it finished: "
+                            "the pool shut down"
+                        )
                     return
                 error = event.error
                 if event.traceback and error.__cause__ is None:

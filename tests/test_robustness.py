@@ -15,6 +15,7 @@ import llm
 import pytest
 
 from llm_async_procpool import (
+    PoolClosed,
     PromptNotSendable,
     PromptTimeout,
     WorkerCrashed,
@@ -367,3 +368,23 @@ def _pool(**settings):
         ):
             return pool
     raise AssertionError(f"no live process pool with {settings}")
+
+
+async def test_shutdown_fails_running_and_queued_prompts_cleanly(pool_kind, monkeypatch):
+    monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "1")
+    responses = [probe().prompt(str(i), chunks=1000, delay=0.01) for i in range(3)]
+    first = await started(responses[0], 1)
+    tasks = [asyncio.ensure_future(r.text()) for r in responses[1:]]
+    rest = asyncio.ensure_future(_drain(first))
+    await asyncio.sleep(0.1)
+    (pool,) = [p for p in live_pools() if p.kind == pool_kind and p.settings.workers == 1]
+    await asyncio.to_thread(pool.shutdown)
+    results = await asyncio.wait_for(asyncio.gather(rest, *tasks, return_exceptions=True), 10)
+    assert [type(r) for r in results] == [PoolClosed] * 3
+    # a new pool takes over for later prompts
+    assert await probe().prompt("after", chunks=1).text() == "0 "
+
+
+async def _drain(iterator):
+    async for _ in iterator:
+        pass

@@ -23,7 +23,7 @@ def get_pool(settings: PoolSettings) -> Pool:
     global _exit_hook_installed
     with _lock:
         pool = _live.get(settings)
-        if pool is None:
+        if pool is None or pool.closed:
             if settings.kind == "process":
                 from .process import ProcessPool as kind
             else:

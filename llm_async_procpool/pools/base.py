@@ -31,6 +31,7 @@ class Pool(ABC):
 
     def __init__(self, settings: PoolSettings):
         self.settings = settings
+        self.closed = False  # set by shutdown(); the registry then starts a new pool
 
     @abstractmethod
     async def submit(self, model: llm.Model, job: Job, timeout: float | None, grace: float) -> Run:

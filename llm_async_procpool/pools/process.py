@@ -7,7 +7,7 @@ worker breaks only its own executor; the stdlib breaks a whole pool instead.
 Per worker (a ``Slot``):
 
     parent                                   worker process
-    submit() --job pipe: seq + cloudpickle--> serve() -> run_job() -> execute()
+    submit() --job pipe: seq + pickle-------> serve() -> run_job() -> execute()
     Run <-- drain thread <--event pipe------- Outbox: Chunks..., Done|Failed
     Run.close() --shared Control cells------> stop before the next chunk
 
@@ -67,7 +67,7 @@ class Slot:
             initargs=(jobs_end, events_end, self.control.cells, dict(os.environ)),
         )
         try:
-            self.task = self.executor.submit(worker.serve)
+            self.executor.submit(worker.serve)
             # submit() has started the process (it does for spawn and forkserver).
             self.process = next(iter(self.executor._processes.values()))
         except BaseException:
@@ -133,7 +133,6 @@ class ProcessPool(Pool):
         self._live = 0  # slots alive or being spawned, never above settings.workers
         self._waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = deque()
         self._seqs = itertools.count(1)
-        self._closed = False
         threading.Thread(target=self._watch, name="procpool-watchdog", daemon=True).start()
 
     # ------------------------------------------------------------ submitting
@@ -173,7 +172,7 @@ class ProcessPool(Pool):
     async def _acquire(self, model_id: str) -> Slot:
         loop = asyncio.get_running_loop()
         with self._lock:
-            if self._closed:
+            if self.closed:
                 raise PoolClosed("The process pool has shut down")
             slot = self._take_idle(model_id)
             if slot is not None:
@@ -228,7 +227,7 @@ class ProcessPool(Pool):
 
         Called with the lock held. A waiter whose loop is closed is skipped.
         """
-        while self._waiters and not self._closed:
+        while self._waiters and not self.closed:
             loop, waiter = self._waiters.popleft()
             try:
                 loop.call_soon_threadsafe(self._accept, waiter, item)
@@ -237,7 +236,7 @@ class ProcessPool(Pool):
                 continue
         if item is None:
             self._live -= 1
-        elif self._closed:
+        elif self.closed:
             item.retire()
         else:
             item.idle_since = time.monotonic()
@@ -263,7 +262,7 @@ class ProcessPool(Pool):
     def _watch(self) -> None:
         """Retire idle workers; kill those that ignore a stop for the grace period."""
         with self._lock:
-            while not self._closed:
+            while not self.closed:
                 now = time.monotonic()
                 due: list[float] = []
                 for slot in list(self._idle):
@@ -361,7 +360,7 @@ class ProcessPool(Pool):
                 self._grant(None)
         slot.executor.shutdown(wait=False, cancel_futures=True)
         if run is not None:
-            if self._closed:
+            if self.closed:
                 error: Exception = PoolClosed(
                     f"The pool shut down while model {run.model_id!r} ran"
                 )
@@ -390,9 +389,9 @@ class ProcessPool(Pool):
 
     def shutdown(self, timeout: float = 5.0) -> None:
         with self._lock:
-            if self._closed:
+            if self.closed:
                 return
-            self._closed = True
+            self.closed = True
             waiters, self._waiters = list(self._waiters), deque()
             slots = list(self._slots)
             self._wake.notify()

@@ -16,7 +16,8 @@ from typing import Any
 
 import llm
 
-from ..messages import Chunks, Control, Job
+from ..errors import PoolClosed
+from ..messages import Chunks, Control, Failed, Job
 from ..worker import run_job
 from .base import Pool, WorkerInfo, rss_bytes
 from .run import Run
@@ -67,6 +68,9 @@ class ThreadPool(Pool):
 
     def _run(self, job: Job, model: llm.Model, run: Run, control: Control) -> None:
         with self._lock:
+            if self.closed:
+                run.deliver(Failed(job.seq, PoolClosed("The thread pool has shut down")))
+                return
             self._running[job.seq] = control
         try:
             run.deliver(run_job(job, model, _Direct(run), control))
@@ -88,7 +92,9 @@ class ThreadPool(Pool):
             ]
 
     def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop running prompts; queued ones fail with PoolClosed when they start."""
         with self._lock:
+            self.closed = True
             for seq, control in self._running.items():
                 control.cancel(seq)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._executor.shutdown(wait=False)
