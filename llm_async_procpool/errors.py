@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+
+# On Python 3.10 asyncio.TimeoutError is not yet the builtin TimeoutError;
+# a prompt timeout should be caught by either name.
+_TIMEOUT_BASES = (
+    (TimeoutError,)
+    if asyncio.TimeoutError is TimeoutError
+    else (asyncio.TimeoutError, TimeoutError)
+)
+
 
 class PoolConfigError(ValueError):
     """An ``LLM_ASYNC_POOL*`` variable has a value we cannot use.
@@ -14,7 +24,7 @@ class PromptNotSendable(TypeError):
     """Part of a prompt cannot be pickled, so it cannot reach a worker process."""
 
 
-class PromptTimeout(TimeoutError):
+class PromptTimeout(*_TIMEOUT_BASES):
     """The prompt ran longer than ``LLM_ASYNC_POOL_TIMEOUT``."""
 
 

@@ -64,6 +64,8 @@ class _Twin:
     ) -> AsyncGenerator[Any, None]:
         settings = config.load()
         pool = get_pool(settings.pool)
+        # A plain Model may read an explicit key from its response, as llm allows.
+        key = key if key is not None else getattr(response, "_key", None)
         job = encode_job(self.model_id, prompt, stream, conversation, key)
         run = await pool.submit(self.sync_model, job, settings.timeout, settings.grace)
         try:

@@ -82,6 +82,7 @@ class Probe(llm.Model):
                 for r in prompt.tool_results
             ],
             "hide_reasoning": prompt.hide_reasoning,
+            "explicit_key": response._key,
             "history": history,
             "messages": [
                 [m.role, " ".join(p.text for p in m.parts if getattr(p, "text", None))]

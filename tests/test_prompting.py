@@ -125,6 +125,12 @@ async def test_key_model_gets_the_resolved_key(pool_kind, monkeypatch):
     assert await model.prompt("hi", key="explicit").text() == "got a key of length 8"
 
 
+async def test_an_explicit_key_reaches_a_plain_model_response(pool_kind):
+    response = probe().prompt("x", key="plain-model-key")
+    assert (await response.json())["explicit_key"] == "plain-model-key"
+    assert (await probe().prompt("y").json())["explicit_key"] is None
+
+
 async def test_missing_key_is_reported_before_any_worker(pool_kind, monkeypatch):
     monkeypatch.delenv("PROBE_KEY_SECRET", raising=False)
     with pytest.raises(llm.NeedsKeyException, match="PROBE_KEY_SECRET"):

@@ -92,7 +92,7 @@ async def test_consumer_that_walks_away_stops_the_model(tmp_path):
 async def test_wait_for_timeout_stops_the_model(tmp_path):
     marker = tmp_path / "finally.json"
     response = probe().prompt("x", chunks=10_000, delay=0.01, marker=str(marker))
-    with pytest.raises(TimeoutError):
+    with pytest.raises(asyncio.TimeoutError):  # TimeoutError since Python 3.11
         await asyncio.wait_for(response.text(), 0.3)
     stopped = time.time()
     report = await asyncio.to_thread(wait_for_file, marker)
@@ -152,6 +152,7 @@ async def test_timeout_raises_and_stops_the_worker(monkeypatch, tmp_path):
             chunks.append(chunk)
     elapsed = time.monotonic() - started_at
     assert isinstance(info.value, TimeoutError)
+    assert isinstance(info.value, asyncio.TimeoutError)
     assert "'probe'" in str(info.value) and "LLM_ASYNC_POOL_TIMEOUT=0.4" in str(info.value)
     assert 0.3 < elapsed < 3
     assert chunks  # what came before the timeout was delivered
