@@ -87,8 +87,8 @@ class _Twin:
                         )
                     return
                 error = event.error
-                if event.traceback and error.__cause__ is None:
-                    error.__cause__ = RemoteTraceback(event.traceback)
+                if event.traceback and error.__traceback__ is None and error.__cause__ is None:
+                    error.__cause__ = RemoteTraceback(event.traceback)  # it was unpickled
                 raise error
         finally:
             run.close()

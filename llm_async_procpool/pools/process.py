@@ -48,6 +48,11 @@ from .run import Run
 
 START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 PRELOAD = "llm_async_procpool._forkserver"
+STARTUP_HINT = (
+    " It ran no prompt before it died, so it may have failed to start: see its"
+    " traceback on stderr. A script must keep its top-level code under"
+    " `if __name__ == '__main__':`, because workers import the main module again."
+)
 #: Jobs larger than this are written from a helper thread, not the event loop.
 BIG_JOB = 1 << 20
 
@@ -293,10 +298,12 @@ class ProcessPool(Pool):
             try:
                 event = pickle.loads(data)
             except Exception as error:
-                event = None
+                # e.g. a chunk of a class the parent cannot import. Fail the prompt
+                # and stop the job; had this been its terminal event, the worker
+                # sends nothing more, and the grace-period kill recycles it.
                 with self._lock:
                     run = slot.run
-                if run is not None:  # e.g. a chunk of a class the parent lacks
+                if run is not None:
                     run.deliver(Failed(run.seq, RemoteError(type(error).__name__, str(error))))
                     self._cancel(slot, run.seq)
                 continue
@@ -369,6 +376,7 @@ class ProcessPool(Pool):
                     f"The worker process (pid {slot.pid}) running model "
                     f"{run.model_id!r} {describe_exit(code)}. The pool has "
                     "replaced it; other prompts are not affected."
+                    + (STARTUP_HINT if slot.served == 0 and code and code > 0 else "")
                 )
             run.deliver(Failed(run.seq, error))
 
@@ -409,10 +417,12 @@ class ProcessPool(Pool):
         deadline = time.monotonic() + max(0.0, min(timeout - 1.0, grace))
         for slot in slots:
             slot.process.join(max(0.0, deadline - time.monotonic()))
-        for slot in slots:
-            if slot.process.exitcode is None:
-                slot.kill()
-                slot.process.join(1.0)
+        survivors = [slot for slot in slots if slot.process.exitcode is None]
+        for slot in survivors:
+            slot.kill()
+        deadline = time.monotonic() + 1.0
+        for slot in survivors:
+            slot.process.join(max(0.0, deadline - time.monotonic()))
 
 
 def _preload_forkserver(context) -> None:

@@ -56,19 +56,15 @@ class Run:
 
     def close(self) -> None:
         """The consumer is done; stop the worker if it is still generating."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._disarm()
         if not self._closed:
             self._closed = True
             self._cancel()
 
     def finished(self) -> None:
         """The consumer read a terminal event: nothing left to stop."""
+        self._disarm()
         self._closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
     def _push(self, event: Event) -> None:
         if self._closed:
@@ -83,9 +79,13 @@ class Run:
     def _arm(self) -> None:
         """(Re)start the timeout: at dispatch, and again once a model is loaded."""
         if self._timeout is not None:
-            if self._timer is not None:
-                self._timer.cancel()
+            self._disarm()
             self._timer = self.loop.call_later(self._timeout, self._expire, self._timeout)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _expire(self, timeout: float) -> None:
         self._timer = None
