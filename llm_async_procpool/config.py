@@ -7,6 +7,7 @@ names the variable, the value and what is allowed.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,14 +38,31 @@ class Settings:
     grace: float = DEFAULT_GRACE
 
 
+@functools.cache
 def default_workers() -> int:
     return os.cpu_count() or 1
 
 
+NAMES = (
+    "LLM_ASYNC_POOL",
+    "LLM_ASYNC_POOL_WORKERS",
+    "LLM_ASYNC_POOL_IDLE_TIMEOUT",
+    "LLM_ASYNC_POOL_MAX_TASKS",
+    "LLM_ASYNC_POOL_TIMEOUT",
+    "LLM_ASYNC_POOL_GRACE",
+)
+
+
 def load(environ: Mapping[str, str] | None = None) -> Settings:
-    """Read and validate every ``LLM_ASYNC_POOL*`` variable."""
+    """Read and validate every ``LLM_ASYNC_POOL*`` variable (parsed once per value)."""
     env = os.environ if environ is None else environ
-    kind = env.get("LLM_ASYNC_POOL", "").strip().lower() or "process"
+    return _parse(tuple(env.get(name, "") for name in NAMES))
+
+
+@functools.lru_cache(maxsize=64)
+def _parse(raw: tuple[str, ...]) -> Settings:
+    env = dict(zip(NAMES, raw, strict=True))
+    kind = env["LLM_ASYNC_POOL"].strip().lower() or "process"
     if kind not in POOL_KINDS:
         raise PoolConfigError(
             f"LLM_ASYNC_POOL={env['LLM_ASYNC_POOL']!r} is not valid: "
