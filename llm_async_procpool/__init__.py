@@ -8,8 +8,9 @@ Module map, following a prompt:
 - ``messages``    every value that crosses the process boundary
 - ``pools``       the registry of live pools; ``process`` and ``thread`` pools
 - ``pools.run``   a prompt in flight, as its consumer reads it
-- ``worker``      what runs in the worker process
-- ``cli``         ``llm async-pool status`` and ``llm async-pool bench``
+- ``worker``      what runs in the worker process (``_forkserver`` warms it up)
+- ``status``, ``bench``, ``cli``   ``llm async-pool status`` and ``llm async-pool bench``
+- ``errors``      what a caller can catch
 """
 
 from __future__ import annotations
