@@ -29,6 +29,8 @@ MAX_HOLD = 0.002
 MAX_BATCH = 1024
 #: Chunks closer together than this, in seconds, are a fast stream: batch them.
 FAST_GAP = 0.0002
+#: Workers run this much nicer than the parent, whose event loop serves users.
+NICENESS = 5
 
 
 class Control(Protocol):
@@ -187,6 +189,8 @@ def init(jobs: Any, events: Any, shared: Any, environ: dict[str, str]) -> None:
 
     global _worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the parent's to handle
+    if hasattr(os, "nice"):  # the parent's event loop wins the CPU when it wakes
+        os.nice(NICENESS)
     os.environ.clear()
     os.environ.update(environ)
     sys.setswitchinterval(0.001)  # lets the outbox flusher in within MAX_HOLD
