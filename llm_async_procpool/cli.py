@@ -175,7 +175,7 @@ def render(report: dict) -> str:
         lines.append(
             f"Limits: timeout {_seconds(s['timeout'])}, grace {_seconds(s['grace'])}, "
             f"idle timeout {_seconds(s['idle_timeout'])}, "
-            f"max tasks per worker {s['max_tasks'] or 'none'}"
+            f"max tasks per worker {s['max_tasks'] or 'none'}, worker nice +{s['nice']}"
         )
     lines.append(f"Async twins (run in the pool): {', '.join(report['twins']) or 'none'}")
     lines.append(

@@ -17,6 +17,7 @@ from .errors import PoolConfigError
 POOL_KINDS = ("process", "thread")
 DEFAULT_GRACE = 3.0
 DEFAULT_IDLE_TIMEOUT = 300.0
+DEFAULT_NICE = 5
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class PoolSettings:
     workers: int = 1
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     max_tasks: int | None = None
+    nice: int = DEFAULT_NICE
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ NAMES = (
     "LLM_ASYNC_POOL_MAX_TASKS",
     "LLM_ASYNC_POOL_TIMEOUT",
     "LLM_ASYNC_POOL_GRACE",
+    "LLM_ASYNC_POOL_NICE",
 )
 
 
@@ -73,6 +76,7 @@ def _parse(raw: tuple[str, ...]) -> Settings:
         workers=_number(env, "LLM_ASYNC_POOL_WORKERS", int, default_workers()),
         idle_timeout=_number(env, "LLM_ASYNC_POOL_IDLE_TIMEOUT", float, DEFAULT_IDLE_TIMEOUT),
         max_tasks=_number(env, "LLM_ASYNC_POOL_MAX_TASKS", int, None),
+        nice=_number(env, "LLM_ASYNC_POOL_NICE", int, DEFAULT_NICE, zero_ok=True, most=19),
     )
     return Settings(
         pool=pool,
@@ -81,16 +85,24 @@ def _parse(raw: tuple[str, ...]) -> Settings:
     )
 
 
-def _number(env, name, kind, default, zero_ok=False):
+def _number(env, name, kind, default, zero_ok=False, most=None):
     raw = env.get(name, "").strip()
     if not raw:
         return default
     what = "an integer" if kind is int else "a number of seconds"
     bound = ">= 0" if zero_ok else "> 0"
+    if most is not None:
+        bound = f"from 0 to {most}"
     try:
         value = kind(raw)
     except ValueError:
         value = None
-    if value is None or value != value or value < 0 or (value == 0 and not zero_ok):
+    if (
+        value is None
+        or value != value
+        or value < 0
+        or (value == 0 and not zero_ok)
+        or (most is not None and value > most)
+    ):
         raise PoolConfigError(f"{name}={raw!r} is not valid: use {what} {bound}, or unset it")
     return value

@@ -30,6 +30,7 @@ def status() -> dict[str, Any]:
             "grace": settings.grace,
             "idle_timeout": settings.pool.idle_timeout,
             "max_tasks": settings.pool.max_tasks,
+            "nice": settings.pool.nice,
             "start_method": START_METHOD if settings.pool.kind == "process" else None,
         }
     twins, native = [], []

@@ -22,7 +22,7 @@ from typing import Any
 import cloudpickle
 import llm
 
-from .errors import PromptNotSendable
+from .errors import PromptNotSendable, RemoteError
 from .messages import ConversationSpec, Job, PromptSpec, ResponseState, Turn
 
 
@@ -222,8 +222,6 @@ def _picklable(value: Any) -> bool:
 
 def portable_error(error: BaseException, traceback_text: str) -> BaseException:
     """The error itself if it survives a pickle round trip, else a RemoteError."""
-    from .errors import RemoteError
-
     if _picklable(error):
         return error
     return RemoteError(type(error).__name__, str(error), traceback_text)

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import cloudpickle
 import llm
 
-from .messages import WINDOW, Chunks, Done, Event, Failed, Job, NeedModel, Started
+from .messages import WINDOW, Chunks, Control, Done, Event, Failed, Job, NeedModel, Started
 from .wire import capture_state, decode_job, portable_error
 
 #: A chunk never waits in the outbox longer than this, in seconds.
@@ -29,13 +29,6 @@ MAX_HOLD = 0.002
 MAX_BATCH = 1024
 #: Chunks closer together than this, in seconds, are a fast stream: batch them.
 FAST_GAP = 0.0002
-#: Workers run this much nicer than the parent, whose event loop serves users.
-NICENESS = 5
-
-
-class Control(Protocol):
-    def cancelled(self, seq: int) -> bool: ...
-    def consumed(self) -> int: ...
 
 
 class Out(Protocol):
@@ -183,18 +176,16 @@ class _Worker:
 _worker: _Worker | None = None  # this process's state, set by init()
 
 
-def init(jobs: Any, events: Any, shared: Any, environ: dict[str, str]) -> None:
+def init(jobs: Any, events: Any, shared: Any, environ: dict[str, str], nice: int) -> None:
     """Executor initializer: adopt the parent's environment and pipes."""
-    from .messages import Control as SharedControl
-
     global _worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the parent's to handle
-    if hasattr(os, "nice"):  # the parent's event loop wins the CPU when it wakes
-        os.nice(NICENESS)
+    if nice and hasattr(os, "nice"):  # the parent's event loop wins the CPU when it wakes
+        os.nice(nice)
     os.environ.clear()
     os.environ.update(environ)
     sys.setswitchinterval(0.001)  # lets the outbox flusher in within MAX_HOLD
-    _worker = _Worker(jobs, events, SharedControl(shared))
+    _worker = _Worker(jobs, events, Control(shared))
 
 
 def serve() -> str:

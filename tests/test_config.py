@@ -17,6 +17,8 @@ from llm_async_procpool import PoolConfigError, config
         ("LLM_ASYNC_POOL_GRACE", "soon", "a number of seconds >= 0"),
         ("LLM_ASYNC_POOL_IDLE_TIMEOUT", "0", "a number of seconds > 0"),
         ("LLM_ASYNC_POOL_MAX_TASKS", "1.5", "an integer > 0"),
+        ("LLM_ASYNC_POOL_NICE", "20", "an integer from 0 to 19"),
+        ("LLM_ASYNC_POOL_NICE", "-1", "an integer from 0 to 19"),
     ],
 )
 async def test_bad_value_fails_the_prompt_with_a_clear_error(monkeypatch, name, value, expected):
@@ -38,9 +40,10 @@ def test_defaults_and_valid_values():
             "LLM_ASYNC_POOL_GRACE": "0",
             "LLM_ASYNC_POOL_IDLE_TIMEOUT": "60",
             "LLM_ASYNC_POOL_MAX_TASKS": "100",
+            "LLM_ASYNC_POOL_NICE": "0",
         }
     )
-    assert settings == config.Settings(config.PoolSettings("thread", 3, 60.0, 100), 2.5, 0.0)
+    assert settings == config.Settings(config.PoolSettings("thread", 3, 60.0, 100, 0), 2.5, 0.0)
 
 
 def test_pool_config_error_is_a_value_error():

@@ -133,3 +133,10 @@ def _alive(pid):
         return False
     with open(f"/proc/{pid}/stat") as stat:
         return stat.read().split()[2] != "Z"
+
+
+async def test_workers_run_at_the_configured_niceness(monkeypatch):
+    monkeypatch.setenv("LLM_ASYNC_POOL_NICE", "7")
+    monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "1")
+    pid = (await llm.get_async_model("probe").prompt("x", chunks=1).json())["pid"]
+    assert os.getpriority(os.PRIO_PROCESS, pid) - os.getpriority(os.PRIO_PROCESS, 0) == 7

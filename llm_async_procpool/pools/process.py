@@ -69,7 +69,13 @@ class Slot:
             1,
             mp_context=context,
             initializer=worker.init,
-            initargs=(jobs_end, events_end, self.control.cells, dict(os.environ)),
+            initargs=(
+                jobs_end,
+                events_end,
+                self.control.cells,
+                dict(os.environ),
+                pool.settings.nice,
+            ),
         )
         try:
             self.executor.submit(worker.serve)
