@@ -24,21 +24,14 @@ def user_dir(tmp_path):
     return {"LLM_USER_PATH": str(tmp_path)}
 
 
+def markov(length, text, env):
+    """`llm prompt --async -m markov` with a length and no delay."""
+    options = ["-o", "length", str(length), "-o", "delay", "0"]
+    return llm_cli("prompt", "--async", "-m", "markov", *options, text, env=env)
+
+
 def test_prompt_async_with_markov_prints_words_and_logs(user_dir, tmp_path):
-    result = llm_cli(
-        "prompt",
-        "--async",
-        "-m",
-        "markov",
-        "-o",
-        "length",
-        "5",
-        "-o",
-        "delay",
-        "0",
-        "the cat sat on the mat",
-        env=user_dir,
-    )
+    result = markov(5, "the cat sat on the mat", env=user_dir)
     assert result.returncode == 0, result.stderr
     words = result.stdout.split()
     assert len(words) == 5 and set(words) <= {"the", "cat", "sat", "on", "mat"}
@@ -49,20 +42,7 @@ def test_prompt_async_with_markov_prints_words_and_logs(user_dir, tmp_path):
 
 
 def test_thread_mode_markov_with_options_works_where_the_old_plugin_failed(user_dir):
-    result = llm_cli(
-        "prompt",
-        "--async",
-        "-m",
-        "markov",
-        "-o",
-        "length",
-        "3",
-        "-o",
-        "delay",
-        "0",
-        "a b c",
-        env={**user_dir, "LLM_ASYNC_POOL": "thread"},
-    )
+    result = markov(3, "a b c", env={**user_dir, "LLM_ASYNC_POOL": "thread"})
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.split()) == 3
 
