@@ -44,13 +44,16 @@ async def test_a_runtime_registered_model_is_sent_once_per_worker():
     assert {s["loads"] for s in seen} == {1}
 
 
-async def test_installed_plugin_model_is_built_from_the_worker_registry():
-    """llm-markov is an installed plugin: the worker builds it itself, so the
-    parent's instance is never pickled."""
+async def test_installed_plugin_model_is_built_from_the_worker_registry(monkeypatch):
+    """llm-markov is an installed plugin: fresh workers build it themselves, so
+    the parent's instance is never pickled. probe, registered at runtime, is
+    (once per worker), which shows the spy sees what is pickled."""
     import cloudpickle
 
     from llm_async_procpool.pools import process
 
+    monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "2")
+    monkeypatch.setenv("LLM_ASYNC_POOL_MAX_TASKS", "1000")  # a pool of fresh workers
     pickled = []
     real_dumps = cloudpickle.dumps
 
@@ -59,16 +62,15 @@ async def test_installed_plugin_model_is_built_from_the_worker_registry():
             pickled.append(value.model_id)
         return real_dumps(value, *args, **kwargs)
 
-    process.cloudpickle.dumps, saved = spy, process.cloudpickle.dumps
-    try:
-        model = llm.get_async_model("markov")
-        texts = await asyncio.gather(
-            *(model.prompt("a b c d", length=3, delay=0).text() for _ in range(4))
-        )
-    finally:
-        process.cloudpickle.dumps = saved
+    monkeypatch.setattr(process.cloudpickle, "dumps", spy)
+    markov, probe = llm.get_async_model("markov"), llm.get_async_model("probe")
+    texts = await asyncio.gather(
+        *(markov.prompt("a b c d", length=3, delay=0).text() for _ in range(4))
+    )
     assert all(len(t.split()) == 3 for t in texts)
+    await asyncio.gather(*(probe.prompt("x", chunks=1, delay=0.05).text() for _ in range(2)))
     assert "markov" not in pickled
+    assert pickled.count("probe") == 2  # one per worker
 
 
 async def test_concurrent_prompts_interleave_across_event_loops():
