@@ -27,6 +27,8 @@ from .wire import capture_state, decode_job, portable_error
 MAX_HOLD = 0.002
 #: Largest batch of chunks in one pipe write.
 MAX_BATCH = 1024
+#: Seconds between checks that the parent is still alive.
+PARENT_CHECK = 0.5
 #: Chunks closer together than this, in seconds, are a fast stream: batch them.
 FAST_GAP = 0.0002
 
@@ -176,7 +178,9 @@ class _Worker:
 _worker: _Worker | None = None  # this process's state, set by init()
 
 
-def init(jobs: Any, events: Any, shared: Any, environ: dict[str, str], nice: int) -> None:
+def init(
+    jobs: Any, events: Any, shared: Any, environ: dict[str, str], nice: int, parent: int
+) -> None:
     """Executor initializer: adopt the parent's environment and pipes."""
     global _worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the parent's to handle
@@ -186,6 +190,33 @@ def init(jobs: Any, events: Any, shared: Any, environ: dict[str, str], nice: int
     os.environ.update(environ)
     sys.setswitchinterval(0.001)  # lets the outbox flusher in within MAX_HOLD
     _worker = _Worker(jobs, events, Control(shared))
+    threading.Thread(target=_exit_with, args=(parent,), name="lifeline", daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    """Exit soon after the parent dies, even mid-prompt (SIGKILL, OOM).
+
+    The worker is a child of the forkserver, not of the parent, and holds the
+    forkserver's own lifeline open, so nothing else would ever stop them.
+    """
+    while True:
+        time.sleep(PARENT_CHECK)
+        if not _alive(parent):
+            os._exit(0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a dead parent not yet reaped is a zombie
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def serve() -> str:

@@ -325,6 +325,8 @@ ORPHAN_SCRIPT = textwrap.dedent(
         deadline = time.monotonic() + 30
         while not os.path.exists(pids_file) and time.monotonic() < deadline:
             time.sleep(0.05)
+        if mode == "killed":  # wait here for the test's SIGKILL
+            time.sleep(60)
 
 
     if __name__ == "__main__":
@@ -389,3 +391,36 @@ async def test_shutdown_fails_running_and_queued_prompts_cleanly(pool_kind, monk
 async def _drain(iterator):
     async for _ in iterator:
         pass
+
+
+def test_workers_exit_when_the_parent_is_killed(tmp_path):
+    """SIGKILL (or the OOM killer) gives the parent no chance to clean up: the
+    workers notice on their own, mid-prompt, and exit."""
+    script = tmp_path / "script.py"
+    script.write_text(ORPHAN_SCRIPT)
+    pids_file = tmp_path / "pids.json"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), *sys.path]),
+        "LLM_ASYNC_POOL_WORKERS": "2",
+    }
+    parent = subprocess.Popen(
+        [sys.executable, str(script), str(pids_file), "killed"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not pids_file.exists():
+            assert time.monotonic() < deadline, "the script did not start its workers"
+            time.sleep(0.05)
+        pids = json.loads(pids_file.read_text())
+        assert len(pids) == 2 and all(pid_alive(pid) for pid in pids)
+    finally:
+        parent.kill()
+        parent.wait(10)
+    deadline = time.monotonic() + 5
+    while any(pid_alive(pid) for pid in pids):
+        assert time.monotonic() < deadline, "workers outlived their killed parent"
+        time.sleep(0.05)

@@ -75,6 +75,7 @@ class Slot:
                 self.control.cells,
                 dict(os.environ),
                 pool.settings.nice,
+                os.getpid(),
             ),
         )
         try:
