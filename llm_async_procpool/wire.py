@@ -96,7 +96,7 @@ def _plain_tool_result(result: llm.ToolResult) -> llm.ToolResult:
     return dataclasses.replace(result, instance=None, exception=exception)
 
 
-def dumps_job(job: Job, model_name: str) -> bytes:
+def dumps_job(job: Job) -> bytes:
     """Pickle a job; on failure say which part of the prompt is at fault.
 
     The C pickler is three times faster; cloudpickle is needed only for what
@@ -114,7 +114,7 @@ def dumps_job(job: Job, model_name: str) -> bytes:
     except Exception as error:
         culprit, cause = _find_unpicklable(job) or ("the prompt", error)
         raise PromptNotSendable(
-            f"Cannot send the prompt for model {model_name!r} to a worker "
+            f"Cannot send the prompt for model {job.model_id!r} to a worker "
             f"process: {culprit} cannot be pickled ({type(cause).__name__}: "
             f"{cause}). Pass picklable values, or set LLM_ASYNC_POOL=thread "
             "to run this model in-process."

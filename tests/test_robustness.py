@@ -335,8 +335,8 @@ ORPHAN_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("mode", ["idle", "in-flight", "stuck"])
-def test_no_orphans_after_interpreter_exit(tmp_path, mode):
+def orphan_script(tmp_path, mode, **environ):
+    """The command, environment and pids file for a run of ORPHAN_SCRIPT."""
     script = tmp_path / "script.py"
     script.write_text(ORPHAN_SCRIPT)
     pids_file = tmp_path / "pids.json"
@@ -344,11 +344,17 @@ def test_no_orphans_after_interpreter_exit(tmp_path, mode):
         **os.environ,
         "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), *sys.path]),
         "LLM_ASYNC_POOL_WORKERS": "2",
-        "LLM_ASYNC_POOL_GRACE": "1",
+        **environ,
     }
+    return [sys.executable, str(script), str(pids_file), mode], env, pids_file
+
+
+@pytest.mark.parametrize("mode", ["idle", "in-flight", "stuck"])
+def test_no_orphans_after_interpreter_exit(tmp_path, mode):
+    command, env, pids_file = orphan_script(tmp_path, mode, LLM_ASYNC_POOL_GRACE="1")
     started_at = time.monotonic()
     result = subprocess.run(
-        [sys.executable, str(script), str(pids_file), mode],
+        command,
         env=env,
         capture_output=True,
         text=True,
@@ -396,16 +402,9 @@ async def _drain(iterator):
 def test_workers_exit_when_the_parent_is_killed(tmp_path):
     """SIGKILL (or the OOM killer) gives the parent no chance to clean up: the
     workers notice on their own, mid-prompt, and exit."""
-    script = tmp_path / "script.py"
-    script.write_text(ORPHAN_SCRIPT)
-    pids_file = tmp_path / "pids.json"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), *sys.path]),
-        "LLM_ASYNC_POOL_WORKERS": "2",
-    }
+    command, env, pids_file = orphan_script(tmp_path, "killed")
     parent = subprocess.Popen(
-        [sys.executable, str(script), str(pids_file), "killed"],
+        command,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -150,7 +150,7 @@ class ProcessPool(Pool):
     # ------------------------------------------------------------ submitting
     async def submit(self, model: llm.Model, job: Job, timeout: float | None, grace: float) -> Run:
         job.seq = seq = next(self._seqs)
-        payload = dumps_job(job, job.model_id)  # fails here, before a worker is taken
+        payload = dumps_job(job)  # fails here, before a worker is taken
         loop = asyncio.get_running_loop()
         while True:
             slot = await self._acquire(job.model_id)
@@ -329,7 +329,7 @@ class ProcessPool(Pool):
         job = slot.job
         try:
             job.model_blob = cloudpickle.dumps(slot.model)
-            payload = dumps_job(job, job.model_id)
+            payload = dumps_job(job)
         except Exception as error:
             reason = PromptNotSendable(
                 f"Model {job.model_id!r} is not installed as a plugin where the "
