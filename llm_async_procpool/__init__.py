@@ -6,11 +6,20 @@ Module map, following a prompt:
 - ``twin``        the async twin registered for each sync-only model
 - ``wire``        turns llm prompts and conversations into ``messages`` and back
 - ``messages``    every value that crosses the process boundary
-- ``pools``       the registry of live pools; ``process`` and ``thread`` pools
-- ``pools.run``   a prompt in flight, as its consumer reads it
-- ``worker``      what runs in the worker process (``_forkserver`` warms it up)
+- ``channel``     how those values travel on a pipe (frames)
+- ``pools``       the registry of live pools: ``process``, ``thread`` and ``ray``;
+  ``pools.launch`` starts processes, ``pools.reactor`` watches them,
+  ``pools.run`` is a prompt in flight, as its consumer reads it
+- ``runner``      the job runner every backend shares
+- ``worker``      what runs in a worker process; ``template`` loads a model once
+  and forks workers that share it; ``threads`` sizes native thread pools;
+  ``_forkserver`` warms the forkserver up
 - ``status``, ``bench``, ``cli``   ``llm async-pool status`` and ``llm async-pool bench``
 - ``errors``      what a caller can catch
+
+This module is the plugin's entry point. If the plugin cannot work here (a
+dependency or an llm API is missing), it registers nothing, ``llm`` and its
+other plugins keep working, and ``llm async-pool status`` says why.
 """
 
 from __future__ import annotations
@@ -18,24 +27,34 @@ from __future__ import annotations
 import llm
 
 from .errors import (
+    ModelNotLoadable,
     PoolClosed,
     PoolConfigError,
     PromptNotSendable,
     PromptTimeout,
     RemoteError,
+    ReplyNotSendable,
     WorkerCrashed,
 )
-from .pools import live_pools, shutdown_pools
-from .twin import AsyncKeyTwin, AsyncTwin, make_twin
+
+try:
+    from .pools import live_pools, shutdown_pools
+    from .twin import AsyncKeyTwin, AsyncTwin, make_twin
+except Exception as error:  # never break the host: see status()
+    IMPORT_ERROR: Exception | None = error
+else:
+    IMPORT_ERROR = None
 
 __all__ = [
     "AsyncKeyTwin",
     "AsyncTwin",
+    "ModelNotLoadable",
     "PoolClosed",
     "PoolConfigError",
     "PromptNotSendable",
     "PromptTimeout",
     "RemoteError",
+    "ReplyNotSendable",
     "WorkerCrashed",
     "live_pools",
     "shutdown_pools",
@@ -47,6 +66,8 @@ _THREAD_TWIN_MODULE = "llm_all_models_async"
 
 @llm.hookimpl(trylast=True)
 def register_models(register, model_aliases):
+    if IMPORT_ERROR is not None:
+        return
     for entry in model_aliases:
         current = entry.async_model
         if entry.model is None:

@@ -30,10 +30,10 @@ from typing import Any
 import cloudpickle
 import llm
 
+from .cli import CONTENDERS
 from .pools import live_pools, shutdown_pools
-from .pools.base import rss_bytes
+from .pools.base import memory
 
-CONTENDERS = ("serial", "thread", "process", "all-models-async", "ceiling")
 COLORS = dict(zip(CONTENDERS, ("C0", "C1", "C2", "C4", "C3"), strict=True))
 HEARTBEAT = 0.001  # seconds the event-loop heartbeat sleeps
 
@@ -235,12 +235,17 @@ def _start_times(bench: Contenders, workload: Workload, names: list[str]) -> dic
 
 def _memory() -> dict:
     workers = [
-        {"pid": w.pid, "rss_mb": (w.rss_bytes or 0) / 2**20}
+        {
+            "pid": w.pid,
+            "role": w.role,
+            "rss_mb": (w.memory.rss or 0) / 2**20,
+            "pss_mb": (w.memory.pss or 0) / 2**20,
+        }
         for pool in live_pools()
         if pool.kind == "process"
         for w in pool.workers()
     ]
-    return {"parent_rss_mb": (rss_bytes(os.getpid()) or 0) / 2**20, "workers": workers}
+    return {"parent_rss_mb": (memory(os.getpid()).rss or 0) / 2**20, "workers": workers}
 
 
 def summarize(samples: list[Sample]) -> list[dict]:

@@ -7,7 +7,7 @@ import json
 
 import click
 
-from .bench import CONTENDERS
+CONTENDERS = ("serial", "thread", "process", "all-models-async", "ceiling")
 
 
 def register(cli: click.Group) -> None:
@@ -20,33 +20,32 @@ def register(cli: click.Group) -> None:
         "-m",
         "--model",
         "model_id",
-        help="First run one short prompt with this model through the pool, "
-        "to check that a worker can load it",
+        help="Check that a worker can load this model: run a short prompt up to "
+        "its first chunk, then stop it",
     )
     @click.option("--json", "as_json", is_flag=True, help="Output JSON")
     def status_command(model_id, as_json):
         "Show pool settings, which models get an async twin, and live workers"
-        import llm
+        from .status import CheckFailed, check, status
 
-        from .status import status
-
+        checked = None
         if model_id:
-            model = llm.get_async_model(model_id)
-
-            async def check():
-                return await model.prompt("status check").text()
-
             try:
-                asyncio.run(check())
+                checked = asyncio.run(check(model_id))
+            except CheckFailed as error:
+                raise click.ClickException(str(error)) from None
             except Exception as error:
-                raise click.ClickException(
-                    f"Model {model_id!r} failed in the pool: {type(error).__name__}: {error}"
-                ) from None
+                raise click.ClickException(f"{type(error).__name__}: {error}") from None
         report = status()
+        if checked:
+            report["check"] = checked
         if as_json:
             click.echo(json.dumps(report, indent=2))
-            return
-        click.echo(render(report))
+        else:
+            click.echo(render(report))
+        problem = report.get("plugin_error") or report.get("error")
+        if problem:
+            raise click.ClickException(problem)
 
     @async_pool.command(name="bench")
     @click.option(
@@ -164,35 +163,58 @@ def register(cli: click.Group) -> None:
 
 def render(report: dict) -> str:
     lines = []
+    if "plugin_error" in report:
+        return report["plugin_error"]
     if "error" in report:
         lines.append(f"Configuration error: {report['error']}")
     else:
         s = report["settings"]
-        pool = f"Pool: {s['pool']}, {s['workers']} workers"
-        if s["start_method"]:
-            pool += f", start method {s['start_method']}"
-        lines.append(pool)
+        workers = s["workers"] or f"one per usable core ({s['usable_cores']}), within free memory"
+        threads = s["threads_per_worker"] or "auto"
         lines.append(
-            f"Limits: timeout {_seconds(s['timeout'])}, grace {_seconds(s['grace'])}, "
-            f"idle timeout {_seconds(s['idle_timeout'])}, "
+            f"Pool: {s['pool']}; process workers: {workers}; threads per worker: {threads}; "
+            f"start method {s['start_method']}; sharing a model's memory: "
+            f"{'on' if s['share'] else 'off'}"
+        )
+        lines.append(
+            f"API-backed models in auto mode: threads, up to {s['api_workers']} at once"
+            + (f"; per model: {s['models']}" if s["models"] else "")
+        )
+        lines.append(
+            f"Limits: timeout {_seconds(s['timeout'])}, load {_seconds(s['load_timeout'])}, "
+            f"grace {_seconds(s['grace'])}, idle timeout {_seconds(s['idle_timeout'])}, "
             f"max tasks per worker {s['max_tasks'] or 'none'}, worker nice +{s['nice']}"
         )
-    lines.append(f"Async twins (run in the pool): {', '.join(report['twins']) or 'none'}")
+    lines.append(f"Async twins (run in a pool): {', '.join(report['twins']) or 'none'}")
     lines.append(
         "Native async models (left alone): " + (", ".join(report["native_async"]) or "none")
     )
     if not report["live_pools"]:
         lines.append("Live pool in this process: none")
     for pool in report["live_pools"]:
-        lines.append(f"Live {pool['pool']} pool, size {pool['size']}:")
+        lines.append(
+            f"Live {pool['pool']} pool, size {pool['size'] or 'auto'}, "
+            f"total PSS {_mb(pool['total_pss'])}:"
+        )
+        if pool.get("address"):
+            lines.append(f"  Ray cluster {pool['address']}, nodes: {', '.join(pool['nodes'])}")
         for w in pool["workers"]:
-            rss = f"{w['rss_bytes'] / 2**20:.0f} MB" if w["rss_bytes"] else "?"
+            m = w["memory"]
+            where = f" on node {w['node']}" if w.get("node") else ""
             lines.append(
-                f"  pid {w['pid']}: RSS {rss}, served {w['served']}, "
-                f"{'busy' if w['busy'] else 'idle'}, "
-                f"models {', '.join(w['models']) or 'none'}"
+                f"  {w['role']} pid {w['pid']}{where}: RSS {_mb(m['rss'])}, PSS {_mb(m['pss'])}, "
+                f"shared {_mb(m['shared'])}; served {w['served']}, "
+                f"{'busy' if w['busy'] else 'idle'}, models {', '.join(w['models']) or 'none'}"
             )
+        for model_id, how in sorted(pool.get("sharing", {}).items()):
+            lines.append(f"  {model_id}: {how}")
+    if report.get("check"):
+        lines.append(report["check"])
     return "\n".join(lines)
+
+
+def _mb(value) -> str:
+    return "?" if value is None else f"{value / 2**20:.0f} MB"
 
 
 def _seconds(value) -> str:

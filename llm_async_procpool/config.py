@@ -8,16 +8,26 @@ names the variable, the value and what is allowed.
 from __future__ import annotations
 
 import functools
+import json
+import math
 import os
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from .errors import PoolConfigError
 
-POOL_KINDS = ("process", "thread")
+KINDS = ("auto", "process", "thread", "ray")
 DEFAULT_GRACE = 3.0
 DEFAULT_IDLE_TIMEOUT = 300.0
+DEFAULT_LOAD_TIMEOUT = 600.0
 DEFAULT_NICE = 5
+DEFAULT_API_WORKERS = 16
+MAX_WORKERS = 512
+MAX_SECONDS = 1e6  # about 11 days: past that a "timeout" is a typo
+MAX_THREADS = 1024
+FLOAT = r"\+?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?"
 
 
 @dataclass(frozen=True)
@@ -25,24 +35,38 @@ class PoolSettings:
     """What shapes a pool's workers; equal settings share one live pool."""
 
     kind: str = "process"
-    workers: int = 1
+    workers: int | None = None  # None: one per usable core, within free memory
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     max_tasks: int | None = None
     nice: int = DEFAULT_NICE
+    threads: int | None = None  # per worker; None: auto
+    share: bool = True
+    ray_address: str | None = None
+    ray_gpus: float = 0.0
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything read for one prompt: the pool to use, and its limits."""
+    """Everything read for one prompt: the pools to use, and its limits."""
 
-    pool: PoolSettings
+    pool: PoolSettings = field(default_factory=PoolSettings)
+    kind: str = "auto"
     timeout: float | None = None
     grace: float = DEFAULT_GRACE
+    load_timeout: float | None = DEFAULT_LOAD_TIMEOUT
+    api_workers: int = DEFAULT_API_WORKERS
+    models: tuple[tuple[str, str], ...] = ()
 
-
-@functools.cache
-def default_workers() -> int:
-    return os.cpu_count() or 1
+    def pool_for(self, model: Any) -> PoolSettings:
+        """The pool a model runs in: its override, else the kind, where ``auto``
+        runs API-backed models (those that need a key) in threads and the rest
+        in worker processes."""
+        kind = dict(self.models).get(model.model_id, self.kind)
+        if kind == "auto":
+            if getattr(model, "needs_key", None):
+                return replace(self.pool, kind="thread", workers=self.api_workers)
+            kind = "process"
+        return replace(self.pool, kind=kind)
 
 
 NAMES = (
@@ -53,6 +77,15 @@ NAMES = (
     "LLM_ASYNC_POOL_TIMEOUT",
     "LLM_ASYNC_POOL_GRACE",
     "LLM_ASYNC_POOL_NICE",
+    "LLM_ASYNC_POOL_THREADS",
+    "LLM_ASYNC_POOL_LOAD_TIMEOUT",
+    "LLM_ASYNC_POOL_SHARE",
+    "LLM_ASYNC_POOL_API_WORKERS",
+    "LLM_ASYNC_POOL_MODELS",
+    "LLM_ASYNC_POOL_PRELOAD",
+    "LLM_ASYNC_POOL_RAY_ADDRESS",
+    "RAY_ADDRESS",
+    "LLM_ASYNC_POOL_RAY_GPUS",
 )
 
 
@@ -65,44 +98,114 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
 @functools.lru_cache(maxsize=64)
 def _parse(raw: tuple[str, ...]) -> Settings:
     env = dict(zip(NAMES, raw, strict=True))
-    kind = env["LLM_ASYNC_POOL"].strip().lower() or "process"
-    if kind not in POOL_KINDS:
-        raise PoolConfigError(
-            f"LLM_ASYNC_POOL={env['LLM_ASYNC_POOL']!r} is not valid: "
-            f"use one of {', '.join(POOL_KINDS)} (default: process)"
-        )
+    kind = _kind(env, "LLM_ASYNC_POOL")
     pool = PoolSettings(
-        kind=kind,
-        workers=_number(env, "LLM_ASYNC_POOL_WORKERS", int, default_workers()),
-        idle_timeout=_number(env, "LLM_ASYNC_POOL_IDLE_TIMEOUT", float, DEFAULT_IDLE_TIMEOUT),
-        max_tasks=_number(env, "LLM_ASYNC_POOL_MAX_TASKS", int, None),
-        nice=_number(env, "LLM_ASYNC_POOL_NICE", int, DEFAULT_NICE, zero_ok=True, most=19),
+        kind=kind if kind != "auto" else "process",
+        workers=_number(env, "LLM_ASYNC_POOL_WORKERS", int, None, 0, MAX_WORKERS),
+        idle_timeout=_number(
+            env, "LLM_ASYNC_POOL_IDLE_TIMEOUT", float, DEFAULT_IDLE_TIMEOUT, 0.0, MAX_SECONDS
+        ),
+        max_tasks=_number(env, "LLM_ASYNC_POOL_MAX_TASKS", int, None, 0, 10**9),
+        nice=_number(env, "LLM_ASYNC_POOL_NICE", int, DEFAULT_NICE, 0, 19, zero_ok=True),
+        threads=_threads(env),
+        share=_flag(env, "LLM_ASYNC_POOL_SHARE", True),
+        ray_address=(
+            env["LLM_ASYNC_POOL_RAY_ADDRESS"].strip() or env["RAY_ADDRESS"].strip() or None
+        ),
+        ray_gpus=_number(env, "LLM_ASYNC_POOL_RAY_GPUS", float, 0.0, 0.0, 1024, zero_ok=True),
     )
     return Settings(
         pool=pool,
-        timeout=_number(env, "LLM_ASYNC_POOL_TIMEOUT", float, None),
-        grace=_number(env, "LLM_ASYNC_POOL_GRACE", float, DEFAULT_GRACE, zero_ok=True),
+        kind=kind,
+        timeout=_number(env, "LLM_ASYNC_POOL_TIMEOUT", float, None, 0.0, MAX_SECONDS),
+        grace=_number(env, "LLM_ASYNC_POOL_GRACE", float, DEFAULT_GRACE, 0.0, 3600.0, zero_ok=True),
+        load_timeout=_number(
+            env, "LLM_ASYNC_POOL_LOAD_TIMEOUT", float, DEFAULT_LOAD_TIMEOUT, 0.0, MAX_SECONDS
+        ),
+        api_workers=_number(
+            env, "LLM_ASYNC_POOL_API_WORKERS", int, DEFAULT_API_WORKERS, 0, MAX_WORKERS
+        ),
+        models=_models(env),
     )
 
 
-def _number(env, name, kind, default, zero_ok=False, most=None):
+def preload_modules(environ: Mapping[str, str] | None = None) -> list[str]:
+    """``LLM_ASYNC_POOL_PRELOAD``: modules the forkserver imports, so workers
+    share their pages (``torch,numpy``)."""
+    env = os.environ if environ is None else environ
+    raw = env.get("LLM_ASYNC_POOL_PRELOAD", "")
+    names = [name.strip() for name in raw.split(",") if name.strip()]
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", name):
+            raise PoolConfigError(
+                f"LLM_ASYNC_POOL_PRELOAD={raw!r} is not valid: use comma-separated "
+                "module names, e.g. torch,numpy"
+            )
+    return names
+
+
+def _kind(env: dict[str, str], name: str) -> str:
+    kind = env[name].strip().lower() or "auto"
+    if kind not in KINDS:
+        raise PoolConfigError(
+            f"{name}={env[name]!r} is not valid: use one of {', '.join(KINDS)} (default: auto)"
+        )
+    return kind
+
+
+def _threads(env: dict[str, str]) -> int | None:
+    raw = env["LLM_ASYNC_POOL_THREADS"].strip().lower()
+    if raw in ("", "auto"):
+        return None
+    return _number(env, "LLM_ASYNC_POOL_THREADS", int, None, 0, MAX_THREADS)
+
+
+def _flag(env: dict[str, str], name: str, default: bool) -> bool:
+    raw = env[name].strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "on", "true", "yes"):
+        return True
+    if raw in ("0", "off", "false", "no"):
+        return False
+    raise PoolConfigError(f"{name}={env[name]!r} is not valid: use on or off")
+
+
+def _models(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    raw = env["LLM_ASYNC_POOL_MODELS"].strip()
+    if not raw:
+        return ()
+    problem = (
+        f"LLM_ASYNC_POOL_MODELS={raw!r} is not valid: use a JSON object of model "
+        f"ids and kinds ({', '.join(KINDS)}), e.g. "
+        '\'{"gpt-3.5-turbo-instruct": "thread"}\''
+    )
+    try:
+        mapping = json.loads(raw)
+    except ValueError:
+        raise PoolConfigError(problem) from None
+    if not isinstance(mapping, dict) or not all(
+        isinstance(k, str) and v in KINDS for k, v in mapping.items()
+    ):
+        raise PoolConfigError(problem)
+    return tuple(sorted(mapping.items()))
+
+
+def _number(env, name, kind, default, least, most, zero_ok=False):
+    """A number above ``least`` (or equal, with ``zero_ok``), at most ``most``."""
     raw = env.get(name, "").strip()
     if not raw:
         return default
-    what = "an integer" if kind is int else "a number of seconds"
-    bound = ">= 0" if zero_ok else "> 0"
-    if most is not None:
-        bound = f"from 0 to {most}"
-    try:
-        value = kind(raw)
-    except ValueError:
-        value = None
-    if (
-        value is None
-        or value != value
-        or value < 0
-        or (value == 0 and not zero_ok)
-        or (most is not None and value > most)
-    ):
-        raise PoolConfigError(f"{name}={raw!r} is not valid: use {what} {bound}, or unset it")
+    if kind is int:
+        what, valid = "an integer", raw.isascii() and re.fullmatch(r"\+?[0-9]+", raw)
+    else:
+        what = "a number of seconds"
+        valid = raw.isascii() and re.fullmatch(FLOAT, raw)
+    value = kind(raw) if valid else None
+    low_ok = value is not None and (value > least or (zero_ok and value == least))
+    if value is None or not low_ok or value > most or not math.isfinite(value):
+        low = f">= {least:g}" if zero_ok else f"> {least:g}"
+        raise PoolConfigError(
+            f"{name}={raw!r} is not valid: use {what} {low} and <= {most:g}, or unset it"
+        )
     return value

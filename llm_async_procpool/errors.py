@@ -24,6 +24,15 @@ class PromptNotSendable(TypeError):
     """Part of a prompt cannot be pickled, so it cannot reach a worker process."""
 
 
+class ReplyNotSendable(TypeError):
+    """A chunk or a response attribute the model produced cannot be pickled, so
+    it cannot come back from the worker process."""
+
+
+class ModelNotLoadable(RuntimeError):
+    """The worker process could not build or load the model."""
+
+
 class PromptTimeout(*_TIMEOUT_BASES):
     """The prompt ran longer than ``LLM_ASYNC_POOL_TIMEOUT``."""
 
@@ -33,11 +42,12 @@ class WorkerCrashed(RuntimeError):
 
 
 class PoolClosed(RuntimeError):
-    """The pool was shut down (interpreter exit) while the prompt waited or ran."""
+    """The pool was shut down (interpreter exit) while the prompt waited or ran,
+    or the prompt came after shutdown had begun."""
 
 
 class RemoteError(Exception):
-    """An exception from the model that could not be pickled back.
+    """An exception from the model whose class could not be rebuilt here.
 
     Carries the original type name, message and the worker's traceback text.
     """

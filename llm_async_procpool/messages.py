@@ -1,18 +1,17 @@
 """Every value that crosses the boundary between the parent and a worker.
 
-Parent to worker: a ``Job`` (one prompt, with its conversation), framed by
-``pools.process`` as an 8-byte sequence number and a cloudpickle payload.
+Parent to worker: a ``Job`` (one prompt, with its conversation).
 
-Worker to parent, in order, for each job: ``Started`` (only when the worker
-had to load the model first: the timeout restarts), ``Chunks*``, then exactly
-one of ``Done`` / ``Failed``. Instead of all that, a worker may answer
-``NeedModel``.
-``NeedModel`` asks the parent to send the job again with the model pickled,
-because the worker's own plugin registry does not know that model id.
+Worker to parent, for each job: ``Chunks*``, then exactly one of ``Done`` /
+``Failed``. Instead of all that, a worker may answer ``NeedModel``: its own
+plugin registry does not have this model (one registered at runtime, say), so
+the parent sends the job again with the model pickled.
 
-Control, parent to worker while a job runs, goes through two shared integers
-(see ``pools.process.Control``): the sequence number of a job to stop, and how
-many chunks the consumer has taken (the backpressure window).
+A template process (``template``) answers its warm-up with ``Warmed``.
+
+Control, parent to worker while a job runs, goes through shared integers
+(``Control``): the job to stop, and how many chunks and bytes the consumer
+has taken (the backpressure window). ``channel`` frames these values on pipes.
 """
 
 from __future__ import annotations
@@ -21,10 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import llm
-from llm.serialization import ResponseDict
 
 #: Chunks a worker may have sent that the consumer has not taken yet.
 WINDOW = 4096
+#: Bytes of pickled chunks a worker may have sent that the consumer has not taken yet.
+WINDOW_BYTES = 16 * 2**20
 
 
 @dataclass
@@ -40,7 +40,7 @@ class PromptSpec:
     options: llm.Options
     schema: dict | None
     tools: list[Any]
-    tool_results: list[llm.ToolResult]
+    tool_results: list[Any]
     messages: list[dict] | None
     hide_reasoning: bool
 
@@ -54,18 +54,18 @@ class ResponseState:
     token_details: dict | None = None
     response_json: Any = None
     resolved_model: str | None = None
-    tool_calls: list[llm.ToolCall] = field(default_factory=list)
+    tool_calls: list[Any] = field(default_factory=list)
     prompt_json: Any = None
     attachments: list[llm.Attachment] = field(default_factory=list)
 
 
 @dataclass
 class Turn:
-    """An earlier response of the conversation, as ``Response.to_dict()`` plus
-    the prompt fields and state that ``to_dict()`` leaves out."""
+    """An earlier response of the conversation: ``Response.to_dict()`` (or its
+    text, on llm releases without it) plus what ``to_dict()`` leaves out."""
 
     prompt: PromptSpec
-    response: ResponseDict
+    response: dict
     state: ResponseState
 
 
@@ -84,6 +84,10 @@ class ConversationSpec:
 class Job:
     seq: int
     model_id: str
+    #: Which model object: the id and the identity of its class in the parent,
+    #: so a model registered again under the same id is not served stale.
+    model_key: str
+    model_class: str
     stream: bool
     prompt: PromptSpec
     conversation: ConversationSpec | None = None
@@ -92,14 +96,11 @@ class Job:
 
 
 @dataclass
-class Started:
-    seq: int
-
-
-@dataclass
 class Chunks:
     seq: int
     items: list[Any]
+    #: Size on the wire, set by the parent's reader (for the bytes window).
+    nbytes: int = 0
 
 
 @dataclass
@@ -110,9 +111,21 @@ class Done:
 
 
 @dataclass
+class ErrorCopy:
+    """An exception that does not survive a pickle round trip, described so the
+    parent can rebuild it as the same class without calling its constructor."""
+
+    module: str
+    qualname: str
+    args: tuple
+    attributes: dict[str, Any]
+    message: str
+
+
+@dataclass
 class Failed:
     seq: int
-    error: BaseException
+    error: BaseException | ErrorCopy
     state: ResponseState | None = None
     traceback: str = ""
 
@@ -122,31 +135,58 @@ class NeedModel:
     seq: int
 
 
-Event = Started | Chunks | Done | Failed | NeedModel
+@dataclass
+class Warmed:
+    """A template's answer after its warm-up: can workers be forked from it?"""
+
+    shareable: bool
+    reason: str = ""
+    threads: int = 1
+
+
+Event = Chunks | Done | Failed | NeedModel
+
+#: Frame kinds, so the parent knows a terminal event even if it cannot unpickle it.
+KINDS: dict[type, int] = {Chunks: 1, Done: 2, Failed: 3, NeedModel: 4}
+TERMINAL_KINDS = frozenset({2, 3})
+
+#: Shared cells: one for the pool, then ``CELLS`` per worker.
+POOL_CELLS = 8
+CELLS = 4
+BUSY = 0  # pool cell: how many workers are running a prompt (the thread budget)
 
 
 class Control:
-    """Two integers both sides see: the job to stop, and chunks consumed.
+    """The integers a worker and its parent both see while a job runs.
 
-    The cells are a shared ``RawArray`` for a worker process (a check costs
-    about 0.1 us, so the worker checks before every chunk), or a plain list
-    for a thread.
+    ``cells`` is a shared ``RawArray`` for worker processes (a check costs about
+    0.1 us, so the worker checks before every chunk) or a plain list in-process.
     """
 
-    def __init__(self, cells: Any):
+    def __init__(self, cells: Any, index: int = 0):
         self.cells = cells
+        self.base = POOL_CELLS + index * CELLS
 
     def cancel(self, seq: int) -> None:
-        self.cells[0] = seq
+        self.cells[self.base] = seq
 
     def cancelled(self, seq: int) -> bool:
-        return self.cells[0] == seq
+        return self.cells[self.base] == seq
 
-    def consumed(self) -> int:
-        return self.cells[1]
+    def taken(self) -> tuple[int, int]:
+        return self.cells[self.base + 1], self.cells[self.base + 2]
 
-    def take(self, count: int = 1) -> None:
-        self.cells[1] += count
+    def take(self, count: int, nbytes: int = 0) -> None:
+        self.cells[self.base + 1] += count
+        self.cells[self.base + 2] += nbytes
 
     def reset(self) -> None:
-        self.cells[1] = 0
+        self.cells[self.base + 1] = self.cells[self.base + 2] = 0
+
+    def busy(self) -> int:
+        return self.cells[BUSY]
+
+
+def local_cells() -> list[int]:
+    """Cells for a single in-process job."""
+    return [0] * (POOL_CELLS + CELLS)

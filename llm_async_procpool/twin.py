@@ -14,7 +14,7 @@ from typing import Any
 import llm
 
 from . import config
-from .errors import PoolClosed, RemoteTraceback
+from .errors import PoolClosed
 from .messages import Chunks, Done
 from .pools import get_pool
 from .wire import apply_state, encode_job
@@ -38,7 +38,8 @@ class _Twin:
     def __init__(self, sync_model: llm.Model):
         self.sync_model = sync_model
         for name in MIRRORED:
-            setattr(self, name, getattr(sync_model, name, None))
+            if hasattr(sync_model, name):  # older llm releases lack some
+                setattr(self, name, getattr(sync_model, name))
         self.Options = sync_model.Options
 
     def __str__(self) -> str:
@@ -52,7 +53,7 @@ class _Twin:
 
     @property
     def supported_server_side_tools(self):
-        return self.sync_model.supported_server_side_tools
+        return getattr(self.sync_model, "supported_server_side_tools", ())
 
     async def execute(
         self,
@@ -63,18 +64,18 @@ class _Twin:
         key: str | None = None,
     ) -> AsyncGenerator[Any, None]:
         settings = config.load()
-        pool = get_pool(settings.pool)
+        pool = get_pool(settings.pool_for(self.sync_model))
         # A plain Model may read an explicit key from its response, as llm allows.
         key = key if key is not None else getattr(response, "_key", None)
-        job = encode_job(self.model_id, prompt, stream, conversation, key)
-        run = await pool.submit(self.sync_model, job, settings.timeout, settings.grace)
+        job = encode_job(self.sync_model, prompt, stream, conversation, key)
+        run = await pool.submit(self.sync_model, job, settings)
         try:
             while True:
                 event = await run.next()
                 if type(event) is Chunks:
                     for item in event.items:
                         yield item
-                    run.take(len(event.items))  # per batch: the window is approximate
+                    run.take(len(event.items), event.nbytes)  # per batch: approximate
                     continue
                 run.finished()
                 if event.state is not None:
@@ -86,10 +87,7 @@ class _Twin:
                             "the pool shut down"
                         )
                     return
-                error = event.error
-                if event.traceback and error.__traceback__ is None and error.__cause__ is None:
-                    error.__cause__ = RemoteTraceback(event.traceback)  # it was unpickled
-                raise error
+                raise event.error
         finally:
             run.close()
 

@@ -3,40 +3,72 @@
 Parent side: ``encode_job`` turns the ``Prompt`` and ``AsyncConversation`` an
 async twin receives into a ``Job``; ``dumps_job`` pickles it, naming the part
 that cannot be pickled; ``apply_state`` copies what the sync model did to its
-``response`` onto the parent's ``AsyncResponse``.
+``response`` onto the parent's ``AsyncResponse``; ``rebuild_error`` turns an
+``ErrorCopy`` back into the model's own exception class.
 
 Worker side: ``decode_job`` rebuilds a sync ``Prompt``, ``Response`` and
-``Conversation`` for the worker's own model; ``capture_state`` reads back
-what ``execute()`` set on that response.
+``Conversation`` for the worker's own model; ``capture_state`` reads back what
+``execute()`` set on that response; ``portable_error`` makes an exception
+survive the trip.
 
 Earlier turns use llm's own ``Response.to_dict()`` / ``from_dict()`` and
-``Message.to_dict()``; the prompt fields those leave out travel alongside.
+``Message.to_dict()`` where the installed llm has them (0.32 and later); the
+prompt fields those leave out travel alongside. Older releases (0.30, 0.31)
+lack them, and prompts' ``messages`` and ``hide_reasoning`` too: there a turn
+travels as its text.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import inspect
 import pickle
+import uuid
 from typing import Any
 
 import cloudpickle
 import llm
 
-from .errors import PromptNotSendable, RemoteError
-from .messages import ConversationSpec, Job, PromptSpec, ResponseState, Turn
+from . import channel
+from .errors import PromptNotSendable, RemoteError, RemoteTraceback, ReplyNotSendable
+from .messages import ConversationSpec, ErrorCopy, Job, PromptSpec, ResponseState, Turn
+
+#: What the installed llm offers (the parent and its workers share one install).
+HAS_TO_DICT = hasattr(llm.Response, "to_dict") and hasattr(llm, "Message")
+PROMPT_PARAMETERS = frozenset(inspect.signature(llm.Prompt.__init__).parameters)
+TOKEN = "_llm_async_pool_token"
 
 
 # ---------------------------------------------------------------- parent side
+def model_identity(model: llm.Model) -> tuple[str, str]:
+    """(key, class name) of a model object: its id, plus a token stored on its
+    class, so a class registered again under the same id gets a new key."""
+    cls = type(model)
+    token = cls.__dict__.get(TOKEN)
+    if token is None:
+        token = uuid.uuid4().hex[:12]
+        try:
+            setattr(cls, TOKEN, token)
+        except (TypeError, AttributeError):
+            token = f"id{id(cls):x}"
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    return f"{model.model_id}\0{name}#{token}", name
+
+
 def encode_job(
-    model_id: str,
+    model: llm.Model,
     prompt: llm.Prompt,
     stream: bool,
     conversation: llm.AsyncConversation | None,
     key: str | None,
 ) -> Job:
+    model_key, model_class = model_identity(model)
     return Job(
         seq=0,
-        model_id=model_id,
+        model_id=model.model_id,
+        model_key=model_key,
+        model_class=model_class,
         stream=stream,
         prompt=_encode_prompt(prompt),
         conversation=None if conversation is None else _encode_conversation(conversation),
@@ -47,10 +79,13 @@ def encode_job(
 def _encode_conversation(conversation: llm.AsyncConversation) -> ConversationSpec:
     history = []
     for earlier in conversation.responses:
-        data = dict(earlier.to_dict())
-        data.pop("prompt", None)  # carried, complete, by Turn.prompt
+        if HAS_TO_DICT:
+            data = dict(earlier.to_dict())
+            data.pop("prompt", None)  # carried, complete, by Turn.prompt
+        else:
+            data = {"id": earlier.id, "text": "".join(str(c) for c in earlier._chunks)}
         history.append(Turn(_encode_prompt(earlier.prompt), data, capture_state(earlier)))
-    loaded = conversation.loaded_messages
+    loaded = getattr(conversation, "loaded_messages", None)
     return ConversationSpec(
         id=conversation.id,
         name=conversation.name,
@@ -73,7 +108,7 @@ def _encode_prompt(prompt: llm.Prompt) -> PromptSpec:
         tools=[_strip_tool(tool) for tool in prompt.tools],
         tool_results=[_plain_tool_result(result) for result in prompt.tool_results],
         messages=None if explicit is None else [m.to_dict() for m in explicit],
-        hide_reasoning=prompt.hide_reasoning,
+        hide_reasoning=getattr(prompt, "hide_reasoning", False),
     )
 
 
@@ -89,7 +124,7 @@ def _strip_tool(tool: Any) -> Any:
     return tool  # a ServerSideTool: a configuration object, sent as is
 
 
-def _plain_tool_result(result: llm.ToolResult) -> llm.ToolResult:
+def _plain_tool_result(result: Any) -> Any:
     exception = result.exception
     if exception is not None and not _picklable(exception):
         exception = Exception(f"{type(exception).__name__}: {exception}")
@@ -97,20 +132,9 @@ def _plain_tool_result(result: llm.ToolResult) -> llm.ToolResult:
 
 
 def dumps_job(job: Job) -> bytes:
-    """Pickle a job; on failure say which part of the prompt is at fault.
-
-    The C pickler is three times faster; cloudpickle is needed only for what
-    pickle cannot do, or does by a reference to ``__main__`` (a notebook's
-    class, say) that a worker could not resolve.
-    """
+    """Pickle a job; on failure say which part of the prompt is at fault."""
     try:
-        data = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
-        if b"__main__" not in data:
-            return data
-    except Exception:
-        pass
-    try:
-        return cloudpickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
+        return channel.dumps(job)
     except Exception as error:
         culprit, cause = _find_unpicklable(job) or ("the prompt", error)
         raise PromptNotSendable(
@@ -123,7 +147,9 @@ def dumps_job(job: Job) -> bytes:
 
 def _find_unpicklable(job: Job) -> tuple[str, Exception] | None:
     spec = job.prompt
-    parts: list[tuple[str, Any]] = [(f"option {name!r}", value) for name, value in spec.options]
+    options = spec.options
+    pairs = options.items() if isinstance(options, dict) else options
+    parts: list[tuple[str, Any]] = [(f"option {name!r}", value) for name, value in pairs]
     parts += [(f"attachment {i + 1}", a) for i, a in enumerate(spec.attachments)]
     parts += [(f"tool {getattr(t, 'name', t)!r}", t) for t in spec.tools]
     parts += [(f"tool result {r.name!r}", r) for r in spec.tool_results]
@@ -137,7 +163,7 @@ def _find_unpicklable(job: Job) -> tuple[str, Exception] | None:
     return None
 
 
-def apply_state(state: ResponseState, response: Any) -> None:
+def apply_state(state: ResponseState, response: Any, tool_calls: bool = True) -> None:
     """Replay the sync model's side effects through the public response API."""
     if state.input_tokens is not None or state.output_tokens is not None or state.token_details:
         response.set_usage(
@@ -149,12 +175,42 @@ def apply_state(state: ResponseState, response: Any) -> None:
         response.response_json = state.response_json
     if state.resolved_model is not None:
         response.set_resolved_model(state.resolved_model)
-    for call in state.tool_calls:
-        response.add_tool_call(call)
+    if tool_calls:
+        for call in state.tool_calls:
+            response.add_tool_call(call)
     if state.prompt_json is not None:
         response._prompt_json = state.prompt_json
     if state.attachments:
         response.attachments = list(state.attachments)
+
+
+def rebuild_error(error: BaseException | ErrorCopy, traceback_text: str) -> BaseException:
+    """The model's exception, as its own class where this process can import it."""
+    if isinstance(error, ErrorCopy):
+        error = _from_copy(error, traceback_text)
+    if traceback_text and error.__traceback__ is None and error.__cause__ is None:
+        error.__cause__ = RemoteTraceback(traceback_text)  # it was unpickled
+    return error
+
+
+def _from_copy(copy: ErrorCopy, traceback_text: str) -> BaseException:
+    try:
+        cls: Any = importlib.import_module(copy.module)
+        for part in copy.qualname.split("."):
+            cls = getattr(cls, part)
+        if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+            raise TypeError(f"{copy.qualname} is not an exception class")
+        error = cls.__new__(cls, *copy.args)
+        error.args = copy.args
+        error.__dict__.update(copy.attributes)
+        return error
+    except Exception as problem:
+        return RemoteError(
+            copy.qualname,
+            f"{copy.message} (its class {copy.module}.{copy.qualname} could not be "
+            f"rebuilt in this process: {type(problem).__name__}: {problem})",
+            traceback_text,
+        )
 
 
 # ---------------------------------------------------------------- worker side
@@ -166,9 +222,7 @@ def decode_job(
     if spec is not None:
         conversation = llm.Conversation(model=model, id=spec.id, name=spec.name)
         for turn in spec.history:
-            earlier = llm.Response.from_dict(turn.response, model=model)
-            earlier.prompt = _decode_prompt(turn.prompt, model)
-            apply_state(turn.state, earlier)
+            earlier = _decode_turn(turn, model)
             earlier.conversation = conversation
             conversation.responses.append(earlier)
         if spec.loaded_messages is not None:
@@ -178,10 +232,32 @@ def decode_job(
     return prompt, response, conversation
 
 
+def _decode_turn(turn: Turn, model: llm.Model) -> llm.Response:
+    prompt = _decode_prompt(turn.prompt, model)
+    if HAS_TO_DICT:
+        earlier = llm.Response.from_dict(turn.response, model=model)
+        earlier.prompt = prompt
+        apply_state(turn.state, earlier, tool_calls=False)  # from_dict rebuilt them
+        return earlier
+    earlier = llm.Response(prompt, model, False)
+    earlier.id = turn.response["id"]
+    earlier._chunks = [turn.response["text"]]
+    earlier._done = True
+    apply_state(turn.state, earlier)
+    return earlier
+
+
 def _decode_prompt(spec: PromptSpec, model: llm.Model) -> llm.Prompt:
-    messages = None
-    if spec.messages is not None:
-        messages = [llm.Message.from_dict(m) for m in spec.messages]
+    options = spec.options
+    if isinstance(options, dict):  # llm before 0.36 leaves "no options" as {}
+        options = model.Options(**options)
+    extra: dict[str, Any] = {}
+    if "messages" in PROMPT_PARAMETERS:
+        extra["messages"] = None
+        if spec.messages is not None:
+            extra["messages"] = [llm.Message.from_dict(m) for m in spec.messages]
+    if "hide_reasoning" in PROMPT_PARAMETERS:
+        extra["hide_reasoning"] = spec.hide_reasoning
     return llm.Prompt(
         spec.prompt,
         model,
@@ -190,12 +266,11 @@ def _decode_prompt(spec: PromptSpec, model: llm.Model) -> llm.Prompt:
         system=spec.system,
         system_fragments=spec.system_fragments,
         prompt_json=spec.prompt_json,
-        options=spec.options,
+        options=options,
         schema=spec.schema,
         tools=spec.tools,
         tool_results=spec.tool_results,
-        messages=messages,
-        hide_reasoning=spec.hide_reasoning,
+        **extra,
     )
 
 
@@ -205,7 +280,7 @@ def capture_state(response: Any) -> ResponseState:
         output_tokens=response.output_tokens,
         token_details=response.token_details,
         response_json=response.response_json,
-        resolved_model=response.resolved_model,
+        resolved_model=getattr(response, "resolved_model", None),
         tool_calls=list(response._tool_calls),
         prompt_json=getattr(response, "_prompt_json", None),
         attachments=list(response.attachments),
@@ -213,15 +288,40 @@ def capture_state(response: Any) -> ResponseState:
 
 
 def _picklable(value: Any) -> bool:
+    """Does it survive a round trip by reference (the plain pickler)?"""
     try:
-        pickle.loads(pickle.dumps(value))
+        pickle.loads(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
     except Exception:
         return False
     return True
 
 
-def portable_error(error: BaseException, traceback_text: str) -> BaseException:
-    """The error itself if it survives a pickle round trip, else a RemoteError."""
-    if _picklable(error):
+def portable_error(error: Any, traceback_text: str) -> BaseException | ErrorCopy:
+    """The error itself if it survives a pickle round trip, else an ``ErrorCopy``
+    the parent can rebuild as the same class. Never raises."""
+    if isinstance(error, ErrorCopy) or _picklable(error):
         return error
-    return RemoteError(type(error).__name__, str(error), traceback_text)
+    try:
+        cls = type(error)
+        args = tuple(a for a in getattr(error, "args", ()) if _picklable(a))
+        attributes = {k: v for k, v in vars(error).items() if _picklable(v)}
+        return ErrorCopy(cls.__module__, cls.__qualname__, args, attributes, _text(error))
+    except Exception:
+        return RemoteError(type(error).__name__, _text(error), traceback_text)
+
+
+def _text(error: Any) -> str:
+    try:
+        return str(error)
+    except Exception:
+        return "(its message could not be read)"
+
+
+def describe_unsendable(what: str, value: Any, model_id: str, error: Exception) -> ReplyNotSendable:
+    cls = type(value)
+    return ReplyNotSendable(
+        f"Model {model_id!r} produced {what}, a {cls.__module__}.{cls.__qualname__}, that "
+        f"cannot be sent back from the worker process ({type(error).__name__}: {error}). "
+        "Yield strings or picklable values, or set LLM_ASYNC_POOL=thread to run the "
+        "model in-process."
+    )

@@ -1,13 +1,15 @@
-"""What runs in the worker: the model cache, the serve loop and one prompt.
+"""What runs in a worker process: its set-up, its model cache and its serve loop.
 
-A worker process runs ``serve()`` as one long task of its
-``ProcessPoolExecutor``: it reads jobs from its job pipe until the parent closes
-it, and writes events (``messages``) to its event pipe. ``run_job`` is shared
-with the thread pool, so both pools treat a model the same way.
+A worker reads ``Job`` frames from its job pipe until the parent closes it,
+runs each with ``runner.run_job`` and writes events to its event pipe through
+an ``Outbox``. Nothing a model does (an unpicklable chunk, reply or
+exception, an exception whose ``__str__`` raises) may stop the loop: every
+job ends with exactly one terminal event.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pickle
 import signal
@@ -15,123 +17,98 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import cloudpickle
 import llm
 
-from .messages import WINDOW, Chunks, Control, Done, Event, Failed, Job, NeedModel, Started
-from .wire import capture_state, decode_job, portable_error
+from . import channel, threads
+from .errors import ModelNotLoadable, RemoteError
+from .messages import KINDS, Chunks, Control, Done, Failed, Job, NeedModel, ResponseState
+from .runner import run_job
+from .wire import describe_unsendable, portable_error
 
 #: A chunk never waits in the outbox longer than this, in seconds.
 MAX_HOLD = 0.002
 #: Largest batch of chunks in one pipe write.
 MAX_BATCH = 1024
-#: Seconds between checks that the parent is still alive.
-PARENT_CHECK = 0.5
 #: Chunks closer together than this, in seconds, are a fast stream: batch them.
 FAST_GAP = 0.0002
+#: Seconds between checks that the parent is still alive (the fallback lifeline).
+PARENT_CHECK = 0.5
+PR_SET_PDEATHSIG = 1
 
 
-class Out(Protocol):
-    def put(self, chunk: Any) -> None: ...
-    def flush(self) -> None: ...
+@dataclass
+class Boot:
+    """What a worker (or template) process is started with."""
 
-
-def run_job(job: Job, model: llm.Model, out: Out, control: Control) -> Event:
-    """Run one prompt to its terminal event; never raises."""
-    seq = job.seq
-    response = generator = None
-    try:
-        prompt, response, conversation = decode_job(job, model)
-        if isinstance(model, llm.KeyModel):
-            generator = model.execute(prompt, job.stream, response, conversation, key=job.key)
-        else:
-            generator = model.execute(prompt, job.stream, response, conversation)
-        chunks = iter(generator)
-        sent = 0
-        while True:
-            if control.cancelled(seq):
-                _close(generator)
-                out.flush()
-                return Done(seq, capture_state(response), cancelled=True)
-            if sent - control.consumed() >= WINDOW:
-                out.flush()
-                _wait_for_window(control, seq, sent)
-                continue
-            try:
-                chunk = next(chunks)
-            except StopIteration:
-                break
-            out.put(chunk)
-            sent += 1
-        out.flush()
-        return Done(seq, capture_state(response))
-    except BaseException as error:  # the model's exception goes to the consumer
-        out.flush()
-        text = traceback.format_exc()
-        state = capture_state(response) if response is not None else None
-        return Failed(seq, portable_error(error, text), state, text)
-    finally:
-        generator = None
-
-
-def _close(generator: Any) -> None:
-    """Run the model's ``finally`` blocks; an error from them changes nothing."""
-    try:
-        close = getattr(generator, "close", None)
-        if close is not None:
-            close()
-    except Exception:
-        pass
-
-
-def _wait_for_window(control: Control, seq: int, sent: int) -> None:
-    """Pause until the consumer has taken half the window (or the job is stopped).
-
-    Resuming at half keeps chunks in flight while the consumer drains the rest;
-    polling is fine-grained at first, then backs off for a consumer that left.
-    """
-    paused = time.monotonic()
-    delay = 0.0002
-    while sent - control.consumed() > WINDOW // 2 and not control.cancelled(seq):
-        time.sleep(delay)
-        cap = 0.001 if time.monotonic() - paused < 0.5 else 0.01
-        delay = min(delay * 2, cap)
+    jobs: Any  # the read end of the job pipe: a Connection, or an fd once detached
+    events: Any  # the write end of the event pipe
+    cells: Any  # the pool's shared control cells
+    index: int  # this worker's cells
+    environ: dict[str, str]
+    nice: int
+    threads: int  # the static thread share: cores // workers
+    fixed_threads: int | None  # LLM_ASYNC_POOL_THREADS, or None for auto
+    cores: int
+    parent: int  # the app's pid
 
 
 class Outbox:
-    """Batches the chunks of a fast stream so it costs one pipe write per batch.
+    """Batches a fast stream's chunks so it costs one pipe write per batch.
 
     A chunk that comes more than ``FAST_GAP`` after the previous one goes at
     once: for a slow model a write per chunk is cheap, and batching would only
     add latency. In a fast stream a chunk waits for its batch, at most
     ``MAX_HOLD``; a flusher thread covers a model that stalls mid-batch.
+
+    A chunk that cannot be pickled is never dropped silently: the chunks
+    before it are sent, and ``error`` fails the job, naming the chunk.
     """
 
-    def __init__(self, connection: Any):
-        self._connection = connection
+    def __init__(self, fd: int):
+        self._fd = fd
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._batch: list[Any] = []
         self._seq = 0
+        self._model_id = ""
         self._first = 0.0
         self._last_put = 0.0
-        threading.Thread(target=self._flusher, name="outbox-flusher", daemon=True).start()
+        self._chunks = 0
+        self._bytes = 0
+        self.error: BaseException | None = None
+        self._flusher_running = False  # started on first need: a template forks threadless
 
-    def start(self, seq: int) -> None:
-        self._seq = seq
+    def start(self, seq: int, model_id: str) -> None:
+        with self._lock:
+            self._seq, self._model_id = seq, model_id
+            self._chunks = self._bytes = 0
+            self.error = None
+
+    def sent(self) -> tuple[int, int]:
+        return self._chunks, self._bytes
 
     def put(self, chunk: Any) -> None:
         now = time.perf_counter()
         with self._lock:
+            if self.error is not None:
+                return
             batch = self._batch
             batch.append(chunk)
+            self._chunks += 1
             if len(batch) == 1:
                 if now - self._last_put >= FAST_GAP:
                     self._flush_locked()
                 else:
                     self._first = now
+                    if not self._flusher_running:
+                        self._flusher_running = True
+                        threading.Thread(
+                            target=self._flusher, name="outbox-flusher", daemon=True
+                        ).start()
                     self._wake.notify()
             elif now - self._first >= MAX_HOLD / 2 or len(batch) >= MAX_BATCH:
                 self._flush_locked()
@@ -142,67 +119,279 @@ class Outbox:
             if self._batch:
                 self._flush_locked()
 
-    def send(self, event: Event) -> None:
-        data = pickle.dumps(event, protocol=pickle.HIGHEST_PROTOCOL)
+    def send(self, event: Done | Failed | NeedModel) -> None:
+        """Send a terminal event; whatever it holds, something readable arrives."""
+        payload = _terminal_payload(event, self._model_id)
         with self._lock:
-            self._connection.send_bytes(data)
+            self._write(event.seq, KINDS[type(event)], payload)
 
     def _flush_locked(self) -> None:
         batch, self._batch = self._batch, []
-        self._connection.send_bytes(
-            pickle.dumps(Chunks(self._seq, batch), protocol=pickle.HIGHEST_PROTOCOL)
-        )
+        try:
+            payload = channel.dumps(Chunks(self._seq, batch))
+        except Exception:
+            self._fail_batch(batch)
+            return
+        self._bytes += self._write(self._seq, KINDS[Chunks], payload)
+
+    def _fail_batch(self, batch: list[Any]) -> None:
+        """Send the chunks before the first unpicklable one, then fail the job."""
+        good: list[Any] = []
+        for position, item in enumerate(batch):
+            try:
+                channel.dumps(item)
+            except Exception as error:
+                number = self._chunks - len(batch) + position + 1
+                self.error = describe_unsendable(f"chunk {number}", item, self._model_id, error)
+                break
+            good.append(item)
+        if good:
+            self._bytes += self._write(
+                self._seq, KINDS[Chunks], channel.dumps(Chunks(self._seq, good))
+            )
+
+    def _write(self, seq: int, kind: int, payload: bytes) -> int:
+        try:
+            return channel.write_frame(self._fd, seq, kind, payload)
+        except OSError:  # the parent closed the pipe: nobody is left to serve
+            os._exit(0)
 
     def _flusher(self) -> None:
         with self._wake:
             while True:
-                if not self._batch:
-                    self._wake.wait()
-                    continue
-                due = self._first + MAX_HOLD - time.perf_counter()
-                if due > 0:
-                    self._wake.wait(due)
-                else:
-                    self._flush_locked()
+                try:
+                    if not self._batch:
+                        self._wake.wait()
+                        continue
+                    due = self._first + MAX_HOLD - time.perf_counter()
+                    if due > 0:
+                        self._wake.wait(due)
+                    else:
+                        self._flush_locked()
+                except Exception as error:  # never die: the next batch needs us
+                    self.error = self.error or error
 
 
-class _Worker:
-    def __init__(self, jobs: Any, events: Any, control: Control):
-        self.jobs = jobs
-        self.out = Outbox(events)
-        self.control = control
-        self.models: dict[str, llm.Model] = {}
+def _terminal_payload(event: Done | Failed | NeedModel, model_id: str) -> bytes:
+    """Pickle a terminal event, degrading what cannot cross to a clear error."""
+    if type(event) is Failed:
+        event.error = portable_error(event.error, event.traceback)
+    try:
+        return channel.dumps(event)
+    except Exception as error:
+        problem: Exception = error
+    if type(event) is Failed:  # keep the model's error; drop the state that failed
+        fallback = Failed(event.seq, event.error, None, event.traceback)
+    else:
+        name, value, problem = _first_unsendable(getattr(event, "state", None)) or (
+            "state",
+            None,
+            problem,
+        )
+        reason = describe_unsendable(f"response.{name}", value, model_id, problem)
+        fallback = Failed(event.seq, reason, None, "")
+    try:
+        return channel.dumps(fallback)
+    except Exception:
+        error = getattr(event, "error", None)
+        last = RemoteError(type(error).__name__, _safe_text(error, problem))
+        return pickle.dumps(Failed(event.seq, last, None, getattr(event, "traceback", "")))
+
+
+def _first_unsendable(state: ResponseState | None) -> tuple[str, Any, Exception] | None:
+    if state is None:
+        return None
+    for name, value in vars(state).items():
+        try:
+            channel.dumps(value)
+        except Exception as error:
+            return name, value, error
+    return None
+
+
+def _safe_text(error: Any, problem: Exception) -> str:
+    try:
+        text = str(error)
+    except Exception:
+        text = "(its message could not be read)"
+    return f"{text} [it could not be sent back from the worker: {type(problem).__name__}]"
+
+
+class Worker:
+    """This process's models and pipes."""
+
+    def __init__(self, boot: Boot, models: dict[str, llm.Model] | None = None):
+        self.jobs = _fd(boot.jobs)
+        self.out = Outbox(_fd(boot.events))
+        self.control = Control(boot.cells, boot.index)
+        self.budget = None
+        if not threads.user_pinned(boot.environ):
+            self.budget = threads.Budget(boot.cells, boot.cores, boot.fixed_threads)
+        self.models: dict[str, llm.Model] = models or {}
         self.registry: dict[str, llm.Model] | None = None
 
+    def serve(self) -> None:
+        """Run jobs until the parent closes the job pipe."""
+        while True:
+            try:
+                frame = channel.read_frame(self.jobs)
+            except OSError:
+                frame = None
+            if frame is None:
+                return
+            seq, _kind, payload = frame
+            del frame
+            try:
+                self._serve_one(seq, payload)
+            except BaseException as error:  # a last guard: the loop goes on
+                self.out.send(Failed(seq, error, None, traceback.format_exc()))
 
-_worker: _Worker | None = None  # this process's state, set by init()
+    def _serve_one(self, seq: int, payload: bytes) -> None:
+        try:
+            job = pickle.loads(payload)
+            del payload
+            model = self.model(job)
+        except BaseException as error:
+            text = traceback.format_exc()
+            self.out.send(Failed(seq, _not_loadable(error, seq), None, text))
+            return
+        if model is None:
+            self.out.send(NeedModel(seq))
+            return
+        self.out.start(seq, job.model_id)
+        self.out.send(run_job(job, model, self.out, self.control, self.budget))
+
+    def model(self, job: Job) -> llm.Model | None:
+        """The model for this job, built at most once in this process."""
+        model = self.models.get(job.model_key)
+        if model is None:
+            if job.model_blob is not None:
+                model = cloudpickle.loads(job.model_blob)
+            else:
+                found = self._registry().get(job.model_id)
+                if found is not None and class_name(found) == job.model_class:
+                    model = found
+            if model is not None:
+                self.models[job.model_key] = model
+        return model
+
+    def _registry(self) -> dict[str, llm.Model]:
+        if self.registry is None:
+            self.registry = registry()
+        return self.registry
 
 
-def init(
-    jobs: Any, events: Any, shared: Any, environ: dict[str, str], nice: int, parent: int
-) -> None:
-    """Executor initializer: adopt the parent's environment and pipes."""
-    global _worker
+def class_name(model: Any) -> str:
+    cls = type(model)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def registry() -> dict[str, llm.Model]:
+    """Sync models from the plugins installed here, one plugin at a time, so a
+    plugin whose models fail to build here breaks only its own models."""
+    found: dict[str, llm.Model] = {}
+
+    def register(model, async_model=None, aliases=None):
+        if model is not None:
+            found.setdefault(model.model_id, model)
+
+    try:
+        llm.load_plugins()
+        impls = llm.pm.hook.register_models.get_hookimpls()
+    except Exception:
+        return found
+    for impl in impls:
+        if impl.plugin_name == "async_procpool" or "model_aliases" in impl.argnames:
+            continue  # hooks that adjust others' registrations, ours among them
+        try:
+            impl.function(register=register)
+        except Exception:
+            pass
+    return found
+
+
+def _not_loadable(error: BaseException, seq: int) -> BaseException:
+    if isinstance(error, (ImportError, AttributeError)) and not isinstance(error, ModelNotLoadable):
+        return ModelNotLoadable(
+            f"The worker process could not load the model: {type(error).__name__}: {error}. "
+            "A worker imports the model's module afresh, so a model defined where the "
+            "worker cannot import it (a notebook cell, or a script's module that is not "
+            "on the worker's path) cannot be rebuilt there. Define it in an importable "
+            "module or an installed plugin, or set LLM_ASYNC_POOL=thread."
+        )
+    return error
+
+
+def _fd(end: Any) -> int:
+    """A raw fd from what we were given: an fd, or a multiprocessing Connection."""
+    if isinstance(end, int):
+        return end
+    fd = os.dup(end.fileno())
+    end.close()
+    return fd
+
+
+# ----------------------------------------------------------------- set-up
+def prepare(boot: Boot, threads_now: int) -> None:
+    """Make this process a quiet, well-behaved child before any model code runs."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the parent's to handle
-    if nice and hasattr(os, "nice"):  # the parent's event loop wins the CPU when it wakes
-        os.nice(nice)
+    if boot.nice and hasattr(os, "nice"):  # the parent's event loop wins the CPU
+        os.nice(boot.nice)
+    die_with_parent()
+    _drop_forkserver_lifeline()
     os.environ.clear()
-    os.environ.update(environ)
+    os.environ.update(threads.environment(boot.environ, threads_now))
+    threads.patch_cpu_count(boot.threads)
     sys.setswitchinterval(0.001)  # lets the outbox flusher in within MAX_HOLD
-    _worker = _Worker(jobs, events, Control(shared))
-    threading.Thread(target=_exit_with, args=(parent,), name="lifeline", daemon=True).start()
 
 
-def _exit_with(parent: int) -> None:
-    """Exit soon after the parent dies, even mid-prompt (SIGKILL, OOM).
+def die_with_parent() -> None:
+    """Be killed by the kernel when the process that forked us dies (Linux).
 
-    The worker is a child of the forkserver, not of the parent, and holds the
-    forkserver's own lifeline open, so nothing else would ever stop them.
+    Needs no thread and no GIL, so it works even while the model sits in a C
+    call. The forkserver exits when the app does (nothing else holds its
+    lifeline: see ``_drop_forkserver_lifeline``), and templates' children
+    follow their template.
     """
-    while True:
-        time.sleep(PARENT_CHECK)
-        if not _alive(parent):
-            os._exit(0)
+    if not sys.platform.startswith("linux"):
+        return
+    expected = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != expected:  # it died before the call took effect
+        os._exit(0)
+
+
+def _drop_forkserver_lifeline() -> None:
+    """Close our copy of the forkserver's alive pipe, so it exits with the app."""
+    try:
+        from multiprocessing import forkserver
+
+        server = forkserver._forkserver
+        fd = getattr(server, "_forkserver_alive_fd", None)
+        if fd is not None:
+            server._forkserver_alive_fd = None
+            server._forkserver_address = None
+            os.close(fd)
+    except Exception:
+        pass
+
+
+def watch_parent(parent: int) -> None:
+    """A fallback lifeline: exit soon after the app dies, where the kernel's
+    parent-death signal cannot tell (another platform, or a forkserver kept
+    alive by the app's own processes)."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(PARENT_CHECK)
+            if not _alive(parent):
+                os._exit(0)
+
+    threading.Thread(target=watch, name="lifeline", daemon=True).start()
 
 
 def _alive(pid: int) -> bool:
@@ -219,54 +408,8 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def serve() -> str:
-    """Run jobs until the parent closes the job pipe."""
-    worker = _worker
-    assert worker is not None, "serve() runs only in a pool worker"
-    while True:
-        try:
-            data = worker.jobs.recv_bytes()
-        except (EOFError, OSError):
-            return "closed"
-        seq = int.from_bytes(data[:8], "little")
-        try:
-            job = pickle.loads(memoryview(data)[8:])
-            del data
-            loaded_now = job.model_id not in worker.models
-            model = _model(worker, job)
-        except BaseException as error:
-            text = traceback.format_exc()
-            worker.out.send(Failed(seq, portable_error(error, text), None, text))
-            continue
-        if model is None:
-            worker.out.send(NeedModel(seq))
-            continue
-        worker.out.start(seq)
-        if loaded_now:  # restart the prompt's timeout: loading is not running
-            worker.out.send(Started(seq))
-        worker.out.send(run_job(job, model, worker.out, worker.control))
-        del job
-
-
-def _model(worker: _Worker, job: Job) -> llm.Model | None:
-    """The model for this job, loaded at most once in this process."""
-    model = worker.models.get(job.model_id)
-    if model is None:
-        if job.model_blob is not None:
-            model = cloudpickle.loads(job.model_blob)
-        else:
-            model = _registry(worker).get(job.model_id)
-        if model is not None:
-            worker.models[job.model_id] = model
-    return model
-
-
-def _registry(worker: _Worker) -> dict[str, llm.Model]:
-    """Sync models from the plugins installed in this environment."""
-    if worker.registry is None:
-        try:
-            found = llm.get_models_with_aliases()
-        except Exception:
-            found = []
-        worker.registry = {m.model.model_id: m.model for m in found if m.model}
-    return worker.registry
+def main(boot: Boot) -> None:
+    """Entry point of a worker process started by multiprocessing."""
+    prepare(boot, boot.threads)
+    watch_parent(boot.parent)
+    Worker(boot).serve()

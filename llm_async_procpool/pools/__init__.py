@@ -1,8 +1,12 @@
 """The one registry of live pools, keyed by the settings that shape them.
 
 ``llm.get_async_model()`` builds new model objects on every call, so pools
-cannot live on a twin: they live here, one per distinct ``PoolSettings``, and are
-shut down at interpreter exit before ``concurrent.futures`` joins its threads.
+cannot live on a twin: they live here, one per distinct ``PoolSettings``.
+A pool with nothing to do and no workers left is dropped, so pools for
+settings no prompt uses any more do not pile up. At interpreter exit every
+pool is shut down before ``concurrent.futures`` and ``multiprocessing`` join
+their threads and children; from then on a prompt fails at once with
+``PoolClosed``.
 """
 
 from __future__ import annotations
@@ -10,34 +14,48 @@ from __future__ import annotations
 import threading
 
 from ..config import PoolSettings
+from ..errors import PoolClosed
 from .base import Pool, WorkerInfo
 
 __all__ = ["Pool", "WorkerInfo", "get_pool", "live_pools", "shutdown_pools"]
 
 _live: dict[PoolSettings, Pool] = {}
 _lock = threading.Lock()
-_exit_hook_installed = False
+_state = {"exit_hook": False, "exiting": False}
 
 
 def get_pool(settings: PoolSettings) -> Pool:
-    global _exit_hook_installed
     with _lock:
+        if _state["exiting"]:
+            raise PoolClosed("The pools are shutting down: the interpreter is exiting")
+        if not _state["exit_hook"]:
+            _install_exit_hook()
+            _state["exit_hook"] = True
+        for key in [k for k, p in _live.items() if k != settings and (p.closed or p.idle())]:
+            _live.pop(key).shutdown(0)
         pool = _live.get(settings)
         if pool is None or pool.closed:
-            if settings.kind == "process":
-                from .process import ProcessPool as kind
-            else:
-                from .thread import ThreadPool as kind
-            pool = _live[settings] = kind(settings)
-            if not _exit_hook_installed:
-                _install_exit_hook()
-                _exit_hook_installed = True
+            pool = _live[settings] = _make(settings)
         return pool
+
+
+def _make(settings: PoolSettings) -> Pool:
+    if settings.kind == "thread":
+        from .thread import ThreadPool
+
+        return ThreadPool(settings)
+    if settings.kind == "ray":
+        from .ray import RayPool
+
+        return RayPool(settings)
+    from .process import ProcessPool
+
+    return ProcessPool(settings)
 
 
 def live_pools() -> list[Pool]:
     with _lock:
-        return list(_live.values())
+        return [pool for pool in _live.values() if not pool.closed]
 
 
 def shutdown_pools(timeout: float = 5.0, keep: PoolSettings | None = None) -> None:
@@ -50,17 +68,25 @@ def shutdown_pools(timeout: float = 5.0, keep: PoolSettings | None = None) -> No
         pool.shutdown(timeout)
 
 
+def _at_exit() -> None:
+    with _lock:
+        _state["exiting"] = True
+    shutdown_pools()
+
+
 def _install_exit_hook() -> None:
-    # Must run before concurrent.futures' own exit hooks, which would wait
-    # forever on each serve() task. Exit hooks run last-in, first-out, so
-    # import those modules (registering theirs) before registering ours.
-    import concurrent.futures.process
+    # Must run before concurrent.futures' and multiprocessing's own exit hooks,
+    # which would wait on our threads and children. threading's exit hooks run
+    # first, last-in first-out, so import those modules (registering theirs)
+    # before registering ours.
     import concurrent.futures.thread  # noqa: F401
+    import multiprocessing.util  # noqa: F401
 
-    register = getattr(threading, "_register_atexit", None)
-    if register is not None:
-        register(shutdown_pools)
-    else:  # pragma: no cover - CPython has had it since 3.9
-        import atexit
-
-        atexit.register(shutdown_pools)
+    try:
+        threading._register_atexit(_at_exit)
+    except RuntimeError:  # "can't register atexit after shutdown"
+        _state["exiting"] = True
+        raise PoolClosed(
+            "The interpreter is shutting down: no new prompt can start "
+            "(this thread ran a prompt after the main thread had finished)"
+        ) from None

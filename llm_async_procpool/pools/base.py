@@ -2,28 +2,46 @@
 
 A pool takes a sync model and a ``Job`` and returns a ``Run``: the twin reads
 ``Chunks`` and one terminal event from it, and closes it when it stops
-early. Process and thread pools implement it here; a Ray pool can too.
+early. The process, thread and Ray pools implement it.
 """
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 import llm
 
-from ..config import PoolSettings
+from ..config import PoolSettings, Settings
 from ..messages import Job
 from .run import Run
 
 
 @dataclass
+class Memory:
+    """A process's memory, from ``/proc/PID/smaps_rollup`` (Linux), in bytes.
+
+    ``pss`` shares each shared page among the processes that map it, so PSS
+    adds up across processes; ``shared`` is what this process shares with
+    others (a template's weights, a memory-mapped GGUF file).
+    """
+
+    rss: int | None = None
+    pss: int | None = None
+    shared: int | None = None
+    private: int | None = None
+
+
+@dataclass
 class WorkerInfo:
     pid: int
-    rss_bytes: int | None
+    memory: Memory
     models: list[str] = field(default_factory=list)
     served: int = 0
     busy: bool = False
+    role: str = "worker"  # or "template"
+    node: str | None = None
 
 
 class Pool(ABC):
@@ -34,29 +52,61 @@ class Pool(ABC):
         self.closed = False  # set by shutdown(); the registry then starts a new pool
 
     @abstractmethod
-    async def submit(self, model: llm.Model, job: Job, timeout: float | None, grace: float) -> Run:
-        """Start ``job`` on a free worker, waiting for one if all are busy.
+    async def submit(self, model: llm.Model, job: Job, settings: Settings) -> Run:
+        """Queue ``job``; it starts as soon as a worker is free.
 
-        ``timeout`` counts from the moment a worker takes the job; ``grace``
-        is how long a stopped job may take to end before its worker is killed.
+        ``settings.timeout`` counts from the moment a worker takes the job;
+        ``settings.grace`` is how long a stopped job may take to end before
+        its worker is killed.
         """
 
     @abstractmethod
     def workers(self) -> list[WorkerInfo]:
-        """The workers alive now, for ``llm async-pool status``."""
+        """The processes alive now, for ``llm async-pool status``."""
 
     @abstractmethod
     def shutdown(self, timeout: float = 5.0) -> None:
         """Stop every worker within ``timeout`` seconds; idempotent."""
 
+    def idle(self) -> bool:
+        """True when nothing runs or waits, and no worker is kept: safe to drop."""
+        return False
 
-def rss_bytes(pid: int) -> int | None:
-    """Resident memory of a process, from /proc (None where that is absent)."""
+
+def memory(pid: int) -> Memory:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            fields = {}
+            for line in rollup:
+                name, _, rest = line.partition(":")
+                parts = rest.split()
+                if parts and parts[0].isdigit():
+                    fields[name] = int(parts[0]) * 1024
+    except OSError:
+        return Memory(rss=_statm_rss(pid))
+    return Memory(
+        rss=fields.get("Rss"),
+        pss=fields.get("Pss"),
+        shared=fields.get("Shared_Clean", 0) + fields.get("Shared_Dirty", 0),
+        private=fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0),
+    )
+
+
+def _statm_rss(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/statm") as statm:
-            pages = int(statm.read().split()[1])
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
-    import os
 
-    return pages * os.sysconf("SC_PAGE_SIZE")
+
+def available_memory() -> int | None:
+    """``MemAvailable`` from ``/proc/meminfo``, in bytes (None elsewhere)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -1,26 +1,26 @@
 """Where a prompt crosses into a worker process, and how its events come back.
 
-Each worker is a one-process ``concurrent.futures.ProcessPoolExecutor`` that
-runs ``worker.serve`` as one long task. One executor per worker means one dead
-worker breaks only its own executor; the stdlib breaks a whole pool instead.
+    parent                                      worker process
+    submit() -> queue -> _dispatch()
+      --job pipe: Job frame------------------->  Worker.serve() -> run_job() -> execute()
+    Run <- reactor thread <--event pipe--------  Outbox: Chunks..., Done | Failed
+    Run.close() --shared cells: stop seq------>  stops before the next chunk
 
-Per worker (a ``Slot``):
+Prompts wait in one queue. ``_dispatch`` gives each to an idle worker that
+has its model loaded, else starts a worker for it while there is room, else
+to any idle worker. A model's first load happens once: while it is under way,
+other prompts for that model wait for it instead of loading it elsewhere
+(so weights are downloaded once, and memory never holds N half-loaded
+copies). Where it is safe, that first load happens in a template process
+(``template.py``) and every worker for the model is forked from it, sharing
+its memory.
 
-    parent                                   worker process
-    submit() --job pipe: seq + pickle-------> serve() -> run_job() -> execute()
-    Run <-- drain thread <--event pipe------- Outbox: Chunks..., Done|Failed
-    Run.close() --shared Control cells------> stop before the next chunk
-
-The parent closes its copies of the worker's pipe ends once the process has
-started, so the drain thread reads EOF the moment the worker dies, after every
-event it wrote: a crash is reported in order, within milliseconds.
-
-A watchdog thread per pool retires idle workers and kills a worker whose
-cancelled prompt has not stopped within the grace period.
-
-Start method: forkserver where the platform has it, else spawn. Never fork:
-the parent has threads and an event loop, and a forked child would inherit
-locks held by them.
+One reactor thread (``reactor.py``) reads every event pipe and watches every
+process's sentinel, so a death is noticed from the process itself even if a
+helper it forked still holds its pipes. Crashes, timeouts, grace-period
+kills, idle retirement and recycling all end in the same bookkeeping: the
+slot's capacity comes back and the queue moves on, whatever happened to the
+event loop that submitted the prompt.
 """
 
 from __future__ import annotations
@@ -30,104 +30,139 @@ import itertools
 import multiprocessing
 import os
 import pickle
+import select
 import signal
+import socket
 import threading
 import time
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
 
 import cloudpickle
 import llm
 
-from .. import worker
-from ..errors import PoolClosed, PromptNotSendable, RemoteError, WorkerCrashed
-from ..messages import Chunks, Control, Done, Failed, Job, NeedModel, Started
-from ..wire import dumps_job
-from .base import Pool, WorkerInfo, rss_bytes
-from .run import Run
-
-START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-PRELOAD = "llm_async_procpool._forkserver"
-STARTUP_HINT = (
-    " It ran no prompt before it died, so it may have failed to start: see its"
-    " traceback on stderr. A script must keep its top-level code under"
-    " `if __name__ == '__main__':`, because workers import the main module again."
+from .. import channel, threads
+from ..config import MAX_WORKERS, Settings
+from ..errors import PoolClosed, PromptNotSendable, PromptTimeout, RemoteError, WorkerCrashed
+from ..messages import (
+    BUSY,
+    CELLS,
+    KINDS,
+    POOL_CELLS,
+    TERMINAL_KINDS,
+    Chunks,
+    Control,
+    Done,
+    Failed,
+    Job,
+    NeedModel,
+    Warmed,
 )
-#: Jobs larger than this are written from a helper thread, not the event loop.
-BIG_JOB = 1 << 20
+from ..wire import dumps_job, encode_job, rebuild_error
+from ..worker import Boot
+from . import launch
+from .base import Memory, Pool, WorkerInfo, available_memory, memory
+from .reactor import Reactor
+from .run import Dispatched, Run
+
+STARTUP_HINT = (
+    " It ran no prompt before it died, and its traceback names the main module: a"
+    " script must keep its top-level code under `if __name__ == '__main__':`,"
+    " because workers started by spawn or forkserver import the main module again."
+)
+#: Jobs larger than this are written from a helper thread, not under the lock.
+INLINE_JOB = 60_000
+#: Seconds a running prompt gets to stop when the pool shuts down (at most its grace).
+SHUTDOWN_GRACE = 1.0
+#: Seconds a retired worker gets to exit on its own before it is killed.
+RETIRE_GRACE = 5.0
+#: A new worker starts by default only while this share of memory stays available.
+KEEP_FREE = 0.5
+CHUNKS = KINDS[Chunks]
+NEED_MODEL = KINDS[NeedModel]
+
+
+@dataclass(eq=False)
+class Pending:
+    """A prompt waiting for a worker."""
+
+    job: Job
+    model: llm.Model
+    run: Run
+    payload: bytes
+    settings: Settings
+    slot: Slot | None = None
+    requested: bool = False  # it asked for a new worker
+
+
+@dataclass
+class ModelState:
+    """What the pool knows of one model (by ``Job.model_key``)."""
+
+    loading: Any = None  # who is doing the first load: a Slot or a Template
+    warm: bool = False  # a first load has finished somewhere
+    template: Template | None = None
+    shareable: bool | None = None
+    reason: str = ""
 
 
 class Slot:
-    """One worker process: its executor, its two pipes, its control cells."""
+    """One worker process: its handle, its pipes, its cells and its current job."""
 
-    def __init__(self, pool: ProcessPool):
-        context = pool.context
-        jobs_end, self.jobs = context.Pipe(duplex=False)
-        self.events, events_end = context.Pipe(duplex=False)
-        self.control = Control(context.RawArray("q", 2))
-        self.executor = ProcessPoolExecutor(
-            1,
-            mp_context=context,
-            initializer=worker.init,
-            initargs=(
-                jobs_end,
-                events_end,
-                self.control.cells,
-                dict(os.environ),
-                pool.settings.nice,
-                os.getpid(),
-            ),
-        )
-        try:
-            self.executor.submit(worker.serve)
-            # submit() has started the process (it does for spawn and forkserver).
-            self.process = next(iter(self.executor._processes.values()))
-        except BaseException:
-            self.executor.shutdown(wait=False)
-            raise
-        finally:
-            jobs_end.close()
-            events_end.close()
-        self.pid: int = self.process.pid
+    def __init__(
+        self, pool: ProcessPool, handle: launch.Handle, jobs: int, events: int, index: int
+    ):
+        self.handle = handle
+        self.pid = handle.pid
+        self.jobs = jobs
+        self.events = events
+        self.reader = channel.FrameReader(events)
+        self.index = index
+        self.control = Control(pool.cells, index)
         self.models: set[str] = set()
-        self.served = 0
-        self.run: Run | None = None
-        self.job: Job | None = None
-        self.model: llm.Model | None = None
-        self.idle_since = time.monotonic()
+        self.item: Pending | None = None
+        self.cold = False  # the current job's model is not loaded here yet
+        self.heard = False  # an event of the current job has come back
+        self.started = 0.0
+        self.idle_since: float | None = time.monotonic()
         self.kill_at: float | None = None
-        self.grace = 0.0
+        self.served = 0
         self.retired = False
-        self._send_lock = threading.Lock()
-        with pool._lock:
-            pool._slots.add(self)
-        threading.Thread(
-            target=pool._drain,
-            args=(self,),
-            name=f"procpool-drain-{self.pid}",
-            daemon=True,
-        ).start()
+        self.template: Template | None = None
+        self.send_lock = threading.Lock()
+
+    @property
+    def run(self) -> Run | None:
+        return None if self.item is None else self.item.run
 
     def send(self, seq: int, payload: bytes) -> None:
-        """Write one job; a dead worker is reported by the drain thread instead."""
+        """Write one job; a dead worker is noticed by the reactor instead."""
         try:
-            with self._send_lock:
-                self.jobs.send_bytes(seq.to_bytes(8, "little") + payload)
+            with self.send_lock:
+                channel.write_frame(self.jobs, seq, channel.JOB, payload)
         except OSError:
             pass
 
-    def retire(self) -> None:
-        """Let the worker finish and exit: EOF on its job pipe ends serve()."""
-        self.retired = True
-        with self._send_lock:
-            self.jobs.close()
-        self.executor.shutdown(wait=False, cancel_futures=True)
 
-    def kill(self) -> None:
-        try:
-            self.process.kill()
-        except (OSError, AttributeError):
-            pass
+class Template:
+    """A template candidate while it warms up, then a template that forks workers."""
+
+    def __init__(
+        self, key: str, model: llm.Model, link: launch.TemplateLink, pipes: launch.Pipes, index: int
+    ):
+        self.key = key
+        self.model = model
+        self.link = link
+        self.handle = link.handle
+        self.pipes = pipes
+        self.index = index
+        self.ready = False
+        self.deadline: float | None = None
+        self.waiting: deque[tuple[launch.Pipes, int]] = deque()  # fork requests
+        self.children = 0
+        self.idle_since = time.monotonic()
 
 
 class ProcessPool(Pool):
@@ -135,200 +170,419 @@ class ProcessPool(Pool):
 
     def __init__(self, settings):
         super().__init__(settings)
-        self.context = multiprocessing.get_context(START_METHOD)
-        if START_METHOD == "forkserver":
-            _preload_forkserver(self.context)
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
+        self.cells = multiprocessing.RawArray("q", POOL_CELLS + CELLS * MAX_WORKERS)
+        self._lock = threading.RLock()
         self._slots: set[Slot] = set()
         self._idle: list[Slot] = []
-        self._live = 0  # slots alive or being spawned, never above settings.workers
-        self._waiters: deque[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = deque()
+        self._live = 0  # workers alive or starting, never above the capacity
+        self._queue: deque[Pending] = deque()
+        self._models: dict[str, ModelState] = {}
+        self._templates: set[Template] = set()
+        self._indexes = list(range(MAX_WORKERS - 1, -1, -1))
         self._seqs = itertools.count(1)
-        threading.Thread(target=self._watch, name="procpool-watchdog", daemon=True).start()
+        self._cores = threads.usable_cores()
+        self._worker_cost = 0  # the most private memory a loaded worker has needed
+        self._executor: ThreadPoolExecutor | None = None
+        self._reactor: Reactor | None = None
+        self._empty_since = time.monotonic()
 
     # ------------------------------------------------------------ submitting
-    async def submit(self, model: llm.Model, job: Job, timeout: float | None, grace: float) -> Run:
-        job.seq = seq = next(self._seqs)
+    async def submit(self, model: llm.Model, job: Job, settings: Settings) -> Run:
+        loop = asyncio.get_running_loop()
+        job.seq = next(self._seqs)
         payload = dumps_job(job)  # fails here, before a worker is taken
-        loop = asyncio.get_running_loop()
-        while True:
-            slot = await self._acquire(job.model_id)
-            with self._lock:
-                if slot.retired:  # died while idle; its capacity is back already
-                    continue
-                run = Run(
-                    loop,
-                    seq,
-                    job.model_id,
-                    cancel=lambda slot=slot: self._cancel(slot, seq),
-                    take=lambda count, slot=slot: _take(slot, seq, count),
-                    timeout=timeout,
-                )
-                slot.control.reset()
-                slot.run, slot.job, slot.model = run, job, model
-                slot.models.add(job.model_id)
-                slot.idle_since = None
-                slot.grace = grace
-                break
-        if len(payload) < BIG_JOB:
-            slot.send(seq, payload)
-        else:
-            try:
-                await asyncio.shield(loop.run_in_executor(None, slot.send, seq, payload))
-            except asyncio.CancelledError:
-                run.close()
-                raise
-        return run
-
-    async def _acquire(self, model_id: str) -> Slot:
-        loop = asyncio.get_running_loop()
+        item = Pending(job, model, None, payload, settings)  # type: ignore[arg-type]
+        item.run = Run(
+            loop,
+            job.seq,
+            job.model_id,
+            cancel=lambda: self._cancel(item),
+            take=lambda count, nbytes: self._take(item, count, nbytes),
+            timeout=settings.timeout,
+            load_timeout=settings.load_timeout,
+        )
         with self._lock:
             if self.closed:
                 raise PoolClosed("The process pool has shut down")
-            slot = self._take_idle(model_id)
-            if slot is not None:
-                return slot
-            waiter = None
-            if self._live < self.settings.workers:
-                self._live += 1
-            else:
-                waiter = loop.create_future()
-                self._waiters.append((loop, waiter))
-        if waiter is not None:
-            try:
-                slot = await waiter
-            except asyncio.CancelledError:
-                with self._lock:
-                    if (loop, waiter) in self._waiters:
-                        self._waiters.remove((loop, waiter))
-                    elif waiter.done() and not waiter.cancelled():
-                        self._grant(waiter.result())
-                raise
-            if slot is not None:
-                return slot
-        # We hold one unit of capacity: start a worker with it.
-        spawning = loop.run_in_executor(None, Slot, self)
-        try:
-            return await asyncio.shield(spawning)
-        except asyncio.CancelledError:
-            spawning.add_done_callback(self._adopt)
-            raise
-        except BaseException:
-            with self._lock:
-                self._grant(None)
-            raise
+            self._queue.append(item)
+            self._dispatch()
+            if self._reactor is None:  # after a first fork, if any: no threads before it
+                self._reactor = Reactor(f"llm-async-pool-{id(self):x}", self._tick)
+                for slot in self._slots:
+                    self._watch(slot)
+                for template in self._templates:
+                    self._watch_template(template)
+        return item.run
 
-    def _take_idle(self, model_id: str) -> Slot | None:
+    def _dispatch(self) -> None:
+        """Start every queued prompt that can start now (lock held)."""
+        if self.closed:
+            return
+        for item in list(self._queue):
+            if item.run.closed:
+                self._queue.remove(item)
+                continue
+            key = item.job.model_key
+            state = self._models.setdefault(key, ModelState())
+            slot = self._idle_with(key)
+            if slot is None and state.loading is None:
+                slot = self._make_room(item, state)
+            if slot is not None:
+                self._queue.remove(item)
+                self._begin(item, slot, state)
+
+    def _idle_with(self, key: str) -> Slot | None:
         for slot in reversed(self._idle):
-            if model_id in slot.models:
+            if key in slot.models:
                 self._idle.remove(slot)
                 return slot
+        return None
+
+    def _make_room(self, item: Pending, state: ModelState) -> Slot | None:
+        """Start a worker for ``item`` if there is room; or hand it any idle worker."""
+        template = state.template if state.template is not None and state.template.ready else None
+        if item.requested:
+            return None if template is not None or not self._idle else self._idle.pop()
+        if template is not None:
+            if not self._room():
+                if not self._idle:
+                    return None
+                self._retire(self._idle.pop(0))  # its room goes to a worker of this model
+            self._live += 1
+            item.requested = True
+            self._fork(template)
+            return None
+        if self._room():
+            self._live += 1
+            item.requested = True
+            if self._can_share(item.model, state):
+                state.loading = "template"
+                self._later(self._start_template, item)
+            else:
+                self._later(self._start_worker)
+            return None
         return self._idle.pop() if self._idle else None
 
-    def _adopt(self, spawning: asyncio.Future) -> None:
-        """A spawn whose requester was cancelled: give the worker to another."""
-        with self._lock:
-            if spawning.cancelled() or spawning.exception() is not None:
-                self._grant(None)
-            elif not spawning.result().retired:
-                self._grant(spawning.result())
+    def _room(self) -> bool:
+        """May another worker start? By default, one per usable core, while at
+        least half of the machine's memory stays available after it."""
+        if self.settings.workers is not None:
+            return self._live < self.settings.workers
+        if self._live >= self._cores:
+            return False
+        if self._live == 0 or not self._worker_cost:
+            return True
+        free, total = available_memory(), _total_memory()
+        return free is None or not total or free - self._worker_cost >= KEEP_FREE * total
 
-    def _grant(self, item: Slot | None) -> None:
-        """Hand a free slot, or a unit of capacity (None), to the next waiter.
+    def _can_share(self, model: llm.Model, state: ModelState) -> bool:
+        return (
+            self.settings.share
+            and launch.CAN_SHARE
+            and not getattr(model, "needs_key", None)
+            and state.shareable is not False
+        )
 
-        Called with the lock held. A waiter whose loop is closed is skipped.
+    def _begin(self, item: Pending, slot: Slot, state: ModelState) -> None:
+        key = item.job.model_key
+        slot.item, item.slot = item, slot
+        slot.cold = key not in slot.models
+        slot.heard = False
+        slot.started = time.monotonic()
+        slot.idle_since = None
+        if slot.cold and not state.warm:
+            state.loading = slot
+        slot.control.reset()
+        self.cells[BUSY] += 1
+        item.run.deliver(Dispatched(cold=slot.cold))
+        if len(item.payload) <= INLINE_JOB:  # the idle worker's pipe is empty: no block
+            slot.send(item.job.seq, item.payload)
+        else:
+            self._later(slot.send, item.job.seq, item.payload)
+
+    # ------------------------------------------------------------ starting workers
+    def _boot(self, index: int) -> Boot:
+        workers = self.settings.workers or self._cores
+        return Boot(
+            jobs=None,
+            events=None,
+            cells=self.cells,
+            index=index,
+            environ=dict(os.environ),
+            nice=self.settings.nice,
+            threads=self.settings.threads or max(1, self._cores // workers),
+            fixed_threads=self.settings.threads,
+            cores=self._cores,
+            parent=os.getpid(),
+        )
+
+    def _later(self, function: Any, *args: Any) -> None:
+        """Run a blocking step off the event loop and off the reactor.
+
+        While this process has one thread, a worker can be forked right here,
+        which is both safe and fast; the reactor starts only after that.
         """
-        while self._waiters and not self.closed:
-            loop, waiter = self._waiters.popleft()
-            try:
-                loop.call_soon_threadsafe(self._accept, waiter, item)
+        if self._reactor is None and function in (self._start_worker, self._start_template):
+            if launch.CAN_SHARE and launch.single_threaded():
+                function(*args)
                 return
-            except RuntimeError:
-                continue
-        if item is None:
-            self._live -= 1
-        elif self.closed:
-            item.retire()
-        else:
-            item.idle_since = time.monotonic()
-            self._idle.append(item)
-            self._wake.notify()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(4, thread_name_prefix="llm-async-pool-start")
+        self._executor.submit(function, *args)
 
-    def _accept(self, waiter: asyncio.Future, item: Slot | None) -> None:
-        if waiter.done():  # its task was cancelled meanwhile: pass it on
+    def _start_worker(self) -> None:
+        index = self._take_index()
+        try:
+            pipes = launch.Pipes()
+            handle = launch.start_worker(self._boot(index), pipes)
+        except BaseException as error:
+            self._start_failed(index, error)
+            return
+        self._add_slot(handle, pipes.jobs, pipes.events, index)
+
+    def _start_template(self, item: Pending) -> None:
+        key = item.job.model_key
+        index = self._take_index()
+        try:
+            pipes = launch.Pipes()
+            link = launch.TemplateLink(self._boot(index), pipes)
+        except BaseException as error:
             with self._lock:
-                self._grant(item)
-        else:
-            waiter.set_result(item)
-
-    # ------------------------------------------------------------ stopping early
-    def _cancel(self, slot: Slot, seq: int) -> None:
+                self._models[key].loading = None
+            self._start_failed(index, error)
+            return
+        template = Template(key, item.model, link, pipes, index)
+        load_timeout = item.settings.load_timeout
+        template.deadline = None if load_timeout is None else time.monotonic() + load_timeout
         with self._lock:
-            if slot.run is None or slot.run.seq != seq:
-                return  # already finished
-            slot.control.cancel(seq)
-            slot.kill_at = time.monotonic() + slot.grace
-            self._wake.notify()
+            self._templates.add(template)
+            self._models[key].loading = template
+            if self._reactor is not None:
+                self._watch_template(template)
+            closed = self.closed
+        if closed:
+            link.close()
+            return
+        self._send_warm_up(template, with_model=False)
 
-    def _watch(self) -> None:
-        """Retire idle workers; kill those that ignore a stop for the grace period."""
+    def _send_warm_up(self, template: Template, with_model: bool) -> None:
+        model = template.model
+        prompt = llm.Prompt("hello", model, options=model.Options())
+        job = encode_job(model, prompt, True, None, None)
+        if with_model:
+            job.model_blob = cloudpickle.dumps(model)
+        try:
+            channel.write_frame(template.pipes.jobs, 0, channel.JOB, channel.dumps(job))
+        except (OSError, Exception):
+            template.handle.kill()
+
+    def _fork(self, template: Template) -> None:
+        """Ask a template for one more worker (lock held); it answers on its socket."""
+        index = self._take_index()
+        pipes = launch.Pipes()
+        template.waiting.append((pipes, index))
+        try:
+            socket.send_fds(
+                template.link.sock,
+                [pickle.dumps(("fork", index))],
+                [pipes.child_jobs.fileno(), pipes.child_events.fileno()],
+            )
+        except OSError:
+            pass  # the template is dying: its sentinel will settle the books
+        finally:
+            pipes.close_child_ends()
+
+    def _take_index(self) -> int:
         with self._lock:
-            while not self.closed:
-                now = time.monotonic()
-                due: list[float] = []
-                for slot in list(self._idle):
-                    retire_at = slot.idle_since + self.settings.idle_timeout
-                    if retire_at <= now:
-                        self._idle.remove(slot)
-                        slot.retire()
-                        self._grant(None)
-                    else:
-                        due.append(retire_at)
-                for slot in self._slots:
-                    if slot.kill_at is not None:
-                        if slot.kill_at <= now:
-                            slot.kill_at = None
-                            slot.kill()
-                        else:
-                            due.append(slot.kill_at)
-                self._wake.wait(min(due) - now if due else None)
+            return self._indexes.pop()
+
+    def _start_failed(self, index: int, error: BaseException) -> None:
+        with self._lock:
+            self._indexes.append(index)
+            self._live -= 1
+            waiting = [item for item in self._queue if item.requested]
+            for item in waiting:
+                self._queue.remove(item)
+        for item in waiting:
+            item.run.deliver(
+                Failed(item.job.seq, WorkerCrashed(f"Could not start a worker process: {error}"))
+            )
+
+    def _add_slot(
+        self,
+        handle: launch.Handle,
+        jobs: int,
+        events: int,
+        index: int,
+        models: set[str] | None = None,
+        template: Template | None = None,
+    ) -> Slot:
+        slot = Slot(self, handle, jobs, events, index)
+        slot.models |= models or set()
+        slot.template = template
+        with self._lock:
+            self._slots.add(slot)
+            if self._reactor is not None:
+                self._watch(slot)
+            for item in self._queue:
+                item.requested = False  # the new worker may go to another: ask again
+            if self.closed:
+                self._retire(slot)
+            else:
+                self._idle.append(slot)
+                self._dispatch()
+        return slot
+
+    def _watch(self, slot: Slot) -> None:
+        self._reactor.watch(slot.events, lambda: self._on_events(slot))
+        self._reactor.watch(slot.handle.sentinel, lambda: self._on_exit(slot))
+
+    def _watch_template(self, template: Template) -> None:
+        self._reactor.watch(template.link.sock.fileno(), lambda: self._on_template(template))
+        self._reactor.watch(template.handle.sentinel, lambda: self._on_template_exit(template))
+
+    # ------------------------------------------------------------ templates
+    def _on_template(self, template: Template) -> None:
+        """A reply from a template: NeedModel, Warmed, or a forked worker."""
+        try:
+            data, fds, _flags, _address = socket.recv_fds(template.link.sock, 1 << 16, 1)
+        except BlockingIOError:
+            return
+        except OSError:
+            data, fds = b"", []
+        if not data:
+            self._reactor.unwatch(template.link.sock.fileno())
+            if not template.ready:  # it could not load the model: it serves as a worker
+                self._candidate_becomes_worker(template, "the model did not load in the template")
+            return
+        reply = pickle.loads(data)
+        if isinstance(reply, NeedModel):
+            self._later(self._send_warm_up, template, True)
+        elif isinstance(reply, Warmed):
+            if reply.shareable:
+                self._template_ready(template)
+            else:
+                self._candidate_becomes_worker(template, reply.reason)
+        else:  # ("forked", pid), with the read end of its status pipe
+            _, pid = reply
+            with self._lock:
+                pipes, index = template.waiting.popleft()
+                template.children += 1
+            handle = launch.ForkedHandle(pid, fds[0])
+            self._add_slot(handle, pipes.jobs, pipes.events, index, {template.key}, template)
+
+    def _template_ready(self, template: Template) -> None:
+        with self._lock:
+            template.ready = True
+            template.deadline = None
+            state = self._models[template.key]
+            state.template, state.loading, state.warm, state.shareable = template, None, True, True
+            os.close(template.pipes.jobs)  # the template serves no jobs itself
+            self._reactor.unwatch(template.pipes.events, lambda: os.close(template.pipes.events))
+            self._indexes.append(template.index)
+            self._fork(template)  # with the room the candidate held
+            self._dispatch()
+
+    def _candidate_becomes_worker(self, template: Template, reason: str) -> None:
+        with self._lock:
+            self._templates.discard(template)
+            self._reactor.unwatch(template.handle.sentinel)
+            state = self._models[template.key]
+            state.loading, state.warm, state.shareable, state.reason = None, True, False, reason
+        template.link.close()
+        pipes = template.pipes
+        self._add_slot(template.handle, pipes.jobs, pipes.events, template.index, {template.key})
+
+    def _on_template_exit(self, template: Template) -> None:
+        self._reactor.unwatch(template.link.sock.fileno())
+        self._reactor.unwatch(template.handle.sentinel, template.handle.close)
+        template.link.close()
+        with self._lock:
+            self._templates.discard(template)
+            state = self._models.get(template.key)
+            if state is not None and state.template is template:
+                state.template, state.warm = None, False
+            if not template.ready:  # died while loading: workers will load for themselves
+                if state is not None:
+                    state.loading, state.shareable = None, False
+                    state.reason = "the template process died while loading the model"
+                self._live -= 1
+                self._indexes.append(template.index)
+                os.close(template.pipes.jobs)
+                self._reactor.unwatch(
+                    template.pipes.events, lambda: os.close(template.pipes.events)
+                )
+            for pipes, index in template.waiting:  # forks it will never answer
+                self._live -= 1
+                self._indexes.append(index)
+                os.close(pipes.jobs)
+                os.close(pipes.events)
+            template.waiting.clear()
+            self._dispatch()
 
     # ------------------------------------------------------------ coming back
-    def _drain(self, slot: Slot) -> None:
-        """The slot's reader thread: route events until the worker is gone."""
-        while True:
-            try:
-                data = slot.events.recv_bytes()
-            except (EOFError, OSError):
-                break
-            try:
-                event = pickle.loads(data)
-            except Exception as error:
-                # e.g. a chunk of a class the parent cannot import. Fail the prompt
-                # and stop the job; had this been its terminal event, the worker
-                # sends nothing more, and the grace-period kill recycles it.
-                with self._lock:
-                    run = slot.run
-                if run is not None:
-                    run.deliver(Failed(run.seq, RemoteError(type(error).__name__, str(error))))
-                    self._cancel(slot, run.seq)
-                continue
-            if type(event) is Chunks or type(event) is Started:
-                run = slot.run
-                if run is not None:
-                    run.deliver(event)
-            elif type(event) is NeedModel:
-                self._send_model(slot)
-            else:
-                self._finish(slot, event)
-        self._exited(slot)
+    def _on_events(self, slot: Slot) -> None:
+        for seq, kind, payload, size in slot.reader.read():
+            self._on_frame(slot, seq, kind, payload, size)
+        if slot.reader.eof:  # it closed its event pipe: it cannot serve; make sure it ends
+            self._reactor.unwatch(slot.events)
+            slot.handle.kill()
 
-    def _send_model(self, slot: Slot) -> None:
-        """The worker's registry lacks this model: send it once, pickled."""
-        job = slot.job
+    def _on_frame(self, slot: Slot, seq: int, kind: int, payload: bytes, size: int) -> None:
+        item = slot.item
+        if item is None or item.job.seq != seq:
+            return  # from a job this slot no longer runs
         try:
-            job.model_blob = cloudpickle.dumps(slot.model)
+            event = pickle.loads(payload)
+        except Exception as error:
+            event = Failed(
+                seq,
+                RemoteError(
+                    type(error).__name__,
+                    f"A reply from model {item.job.model_id!r} could not be read in this "
+                    f"process: {error}",
+                ),
+            )
+            if kind not in TERMINAL_KINDS:  # stop the job; its consumer gets the error now
+                item.run.deliver(event)
+                self._cancel(item)
+                return
+        if kind == NEED_MODEL:
+            self._later(self._send_model, slot, item)
+            return
+        if not slot.heard:
+            self._heard(slot, item)
+        if kind == CHUNKS:
+            event.nbytes = size
+            item.run.deliver(event)
+            return
+        if type(event) is Failed:
+            event.error = rebuild_error(event.error, event.traceback)
+        self._finish(slot, event)
+
+    def _heard(self, slot: Slot, item: Pending) -> None:
+        """The job's first event: its model is loaded on this worker."""
+        with self._lock:
+            slot.heard = True
+            key = item.job.model_key
+            slot.models.add(key)
+            state = self._models.get(key)
+            if state is not None and state.loading is slot:
+                state.loading, state.warm = None, True
+                self._dispatch()
+        if slot.cold and self.settings.workers is None and slot.template is None:
+            self._later(self._measure, slot)
+
+    def _measure(self, slot: Slot) -> None:
+        cost = memory(slot.pid).private or 0
+        with self._lock:
+            self._worker_cost = max(self._worker_cost, cost)
+
+    def _send_model(self, slot: Slot, item: Pending) -> None:
+        """The worker's registry lacks this model: send it once, pickled."""
+        job = item.job
+        try:
+            job.model_blob = cloudpickle.dumps(item.model)
             payload = dumps_job(job)
         except Exception as error:
             reason = PromptNotSendable(
@@ -338,6 +592,7 @@ class ProcessPool(Pool):
                 "LLM_ASYNC_POOL=thread."
             )
             self._finish(slot, Failed(job.seq, reason))
+            slot.control.cancel(job.seq)
             return
         finally:
             job.model_blob = None
@@ -345,131 +600,268 @@ class ProcessPool(Pool):
 
     def _finish(self, slot: Slot, event: Done | Failed) -> None:
         with self._lock:
-            run = slot.run
-            slot.run = slot.job = slot.model = None
+            item = slot.item
+            if item is None:
+                return
+            slot.item = item.slot = None
             slot.kill_at = None
             slot.served += 1
+            self.cells[BUSY] -= 1
             if not slot.retired:
                 limit = self.settings.max_tasks
                 if limit is not None and slot.served >= limit:
-                    slot.retire()  # recycled: a fresh worker replaces it on demand
-                    self._grant(None)
+                    self._retire(slot)  # recycled: a fresh worker replaces it on demand
                 else:
-                    self._grant(slot)
-        if run is not None:
-            run.deliver(event)
+                    slot.idle_since = time.monotonic()
+                    self._idle.append(slot)
+            self._dispatch()
+        item.run.deliver(event)
 
-    def _exited(self, slot: Slot) -> None:
-        code = _exit_code(slot.process)
+    def _on_exit(self, slot: Slot) -> None:
+        """Its sentinel fired: the process is gone. Read what it sent, then settle."""
+        for seq, kind, payload, size in slot.reader.read():
+            self._on_frame(slot, seq, kind, payload, size)
+        code = slot.handle.exit_code()
+        self._reactor.unwatch(slot.events, lambda: os.close(slot.events))
+        self._reactor.unwatch(slot.handle.sentinel, slot.handle.close)
+        try:
+            os.close(slot.jobs)
+        except OSError:
+            pass
         with self._lock:
             self._slots.discard(slot)
             if slot in self._idle:
                 self._idle.remove(slot)
-            run = slot.run
-            slot.run = slot.job = slot.model = None
-            slot.kill_at = None
-            was_retired = slot.retired
-            slot.retired = True
-            if not was_retired:
-                self._grant(None)
-        slot.executor.shutdown(wait=False, cancel_futures=True)
-        if run is not None:
-            if self.closed:
-                error: Exception = PoolClosed(
-                    f"The pool shut down while model {run.model_id!r} ran"
+            if not slot.retired:
+                self._live -= 1
+            self._indexes.append(slot.index)
+            item = slot.item
+            slot.item = None
+            if item is not None:
+                self.cells[BUSY] -= 1
+                state = self._models.get(item.job.model_key)
+                if state is not None and state.loading is slot:
+                    state.loading = None
+            if slot.template is not None:
+                slot.template.children -= 1
+                slot.template.idle_since = time.monotonic()
+            self._dispatch()
+        if item is not None:
+            item.run.deliver(Failed(item.job.seq, self._crash_error(slot, item, code)))
+
+    def _crash_error(self, slot: Slot, item: Pending, code: int | None) -> Exception:
+        if self.closed:
+            return PoolClosed(f"The pool shut down while model {item.job.model_id!r} ran")
+        how = describe_exit(code)
+        if slot.template is not None and slot.template not in self._templates:
+            how += " (its template process had ended)"
+        hint = STARTUP_HINT if slot.served == 0 and code and code > 0 else ""
+        return WorkerCrashed(
+            f"The worker process (pid {slot.pid}) running model {item.job.model_id!r} "
+            f"{how}. The pool has replaced it; other prompts are not affected.{hint}"
+        )
+
+    # ------------------------------------------------------------ stopping early
+    def _cancel(self, item: Pending) -> None:
+        with self._lock:
+            if item in self._queue:
+                self._queue.remove(item)
+                return
+            slot = item.slot
+            if slot is None or slot.item is not item:
+                return  # already finished
+            slot.control.cancel(item.job.seq)
+            now = time.monotonic()
+            allowance = item.settings.grace
+            load = item.settings.load_timeout
+            if slot.cold and not slot.heard and load is not None:  # let a load finish
+                allowance = max(allowance, slot.started + load - now)
+            slot.kill_at = now + allowance
+        if self._reactor is not None:
+            self._reactor.wake()
+
+    def _take(self, item: Pending, count: int, nbytes: int) -> None:
+        slot = item.slot
+        if slot is not None and slot.item is item:
+            slot.control.take(count, nbytes)
+
+    def _retire(self, slot: Slot) -> None:
+        """Let the worker finish and exit (EOF on its job pipe); lock held."""
+        if slot.retired:
+            return
+        slot.retired = True
+        self._live -= 1
+        if slot in self._idle:
+            self._idle.remove(slot)
+        with slot.send_lock:
+            try:
+                os.close(slot.jobs)
+            except OSError:
+                pass
+            slot.jobs = -1
+        slot.kill_at = time.monotonic() + RETIRE_GRACE
+
+    def _tick(self) -> float | None:
+        """The reactor's timers: kills, retirement, load limits. Returns the next wait."""
+        now = time.monotonic()
+        due: list[float] = []
+        expired: list[Template] = []
+        with self._lock:
+            for slot in self._slots:
+                if slot.kill_at is not None:
+                    if slot.kill_at <= now:
+                        slot.kill_at = None
+                        slot.handle.kill()
+                    else:
+                        due.append(slot.kill_at)
+            for slot in list(self._idle):
+                retire_at = slot.idle_since + self.settings.idle_timeout
+                if retire_at <= now:
+                    self._retire(slot)
+                else:
+                    due.append(retire_at)
+            for template in list(self._templates):
+                if template.deadline is not None:
+                    if template.deadline <= now:
+                        template.deadline = None
+                        expired.append(template)
+                    else:
+                        due.append(template.deadline)
+                elif template.ready and template.children == 0 and not template.waiting:
+                    retire_at = template.idle_since + self.settings.idle_timeout
+                    if retire_at <= now:
+                        template.link.close()
+                    else:
+                        due.append(retire_at)
+            if self._slots or self._templates or self._queue or self._live:
+                self._empty_since = now
+            elif now - self._empty_since >= self.settings.idle_timeout:
+                self._reactor.stop()  # nothing left: the reactor thread ends
+                self._reactor = None
+                return None
+        for template in expired:
+            self._load_expired(template)
+        return max(0.0, min(due) - now) if due else None
+
+    def _load_expired(self, template: Template) -> None:
+        """A template's warm-up took longer than the load allowance."""
+        template.handle.kill()
+        with self._lock:
+            waiting = [item for item in self._queue if item.job.model_key == template.key]
+            for item in waiting:
+                self._queue.remove(item)
+        for item in waiting:
+            seconds = item.settings.load_timeout
+            item.run.deliver(
+                Failed(
+                    item.job.seq,
+                    PromptTimeout(
+                        f"Model {item.job.model_id!r} did not finish loading within "
+                        f"LLM_ASYNC_POOL_LOAD_TIMEOUT={seconds:g} seconds"
+                    ),
                 )
-            else:
-                error = WorkerCrashed(
-                    f"The worker process (pid {slot.pid}) running model "
-                    f"{run.model_id!r} {describe_exit(code)}. The pool has "
-                    "replaced it; other prompts are not affected."
-                    + (STARTUP_HINT if slot.served == 0 and code and code > 0 else "")
-                )
-            run.deliver(Failed(run.seq, error))
+            )
 
     # ------------------------------------------------------------ inspecting
     def workers(self) -> list[WorkerInfo]:
         with self._lock:
             slots = sorted(self._slots, key=lambda s: s.pid)
-            return [
+            templates = sorted((t for t in self._templates if t.ready), key=lambda t: t.handle.pid)
+            infos = [
                 WorkerInfo(
                     s.pid,
-                    rss_bytes(s.pid),
-                    sorted(s.models),
+                    Memory(),
+                    sorted(_model_id(k) for k in s.models),
                     s.served,
-                    s.run is not None,
+                    s.item is not None,
                 )
                 for s in slots
             ]
+            infos += [
+                WorkerInfo(t.handle.pid, Memory(), [_model_id(t.key)], role="template")
+                for t in templates
+            ]
+        for info in infos:
+            info.memory = memory(info.pid)
+        return infos
+
+    def sharing(self) -> dict[str, str]:
+        """Per model: is it shared from a template, and if not, why."""
+        with self._lock:
+            report = {}
+            for key, state in self._models.items():
+                if state.template is not None and state.template.ready:
+                    report[_model_id(key)] = f"shared from template pid {state.template.handle.pid}"
+                elif state.shareable is False:
+                    report[_model_id(key)] = f"not shared: {state.reason}"
+            return report
+
+    def idle(self) -> bool:
+        with self._lock:
+            return not (self._slots or self._templates or self._queue or self._live)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         with self._lock:
             if self.closed:
                 return
             self.closed = True
-            waiters, self._waiters = list(self._waiters), deque()
+            queued, self._queue = list(self._queue), deque()
             slots = list(self._slots)
-            self._wake.notify()
-        for loop, waiter in waiters:
-            try:
-                loop.call_soon_threadsafe(_fail_waiter, waiter)
-            except RuntimeError:
-                pass
-        for slot in slots:
-            run = slot.run
-            if run is not None:
-                slot.control.cancel(run.seq)
-            slot.retire()
-        grace = max((slot.grace for slot in slots), default=0.0)
-        deadline = time.monotonic() + max(0.0, min(timeout - 1.0, grace))
-        for slot in slots:
-            slot.process.join(max(0.0, deadline - time.monotonic()))
-        survivors = [slot for slot in slots if slot.process.exitcode is None]
-        for slot in survivors:
-            slot.kill()
-        deadline = time.monotonic() + 1.0
-        for slot in survivors:
-            slot.process.join(max(0.0, deadline - time.monotonic()))
+            templates = list(self._templates)
+            running = [slot for slot in slots if slot.item is not None]
+            for slot in running:
+                slot.control.cancel(slot.item.job.seq)
+            for slot in slots:
+                self._retire(slot)
+        for item in queued:
+            item.run.deliver(Failed(item.job.seq, PoolClosed("The process pool has shut down")))
+        for template in templates:
+            template.link.close()
+        grace = max((slot.item.settings.grace for slot in running if slot.item), default=0.0)
+        bound = min(grace, SHUTDOWN_GRACE, max(0.0, timeout - 1.0))
+        handles = [slot.handle for slot in slots] + [t.handle for t in templates]
+        _wait_all(handles, [] if running else [], time.monotonic() + (bound if running else 1.0))
+        for handle in handles:
+            handle.kill()
+        _wait_all(handles, [], time.monotonic() + 1.0)
+        for slot in running:
+            item = slot.item
+            if item is not None:
+                item.run.deliver(
+                    Failed(
+                        item.job.seq,
+                        PoolClosed(f"The pool shut down while model {item.job.model_id!r} ran"),
+                    )
+                )
+        if self._reactor is not None:
+            self._reactor.stop()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _preload_forkserver(context) -> None:
-    """Add our warm-up module to the forkserver's preload list (kept: the
-    user's own entries). It takes effect only if the forkserver has not
-    started yet."""
-    from multiprocessing import forkserver
-
-    current = getattr(forkserver._forkserver, "_preload_modules", ["__main__"])
-    if PRELOAD not in current:
-        context.set_forkserver_preload([*current, PRELOAD])
-
-
-def _exit_code(process, timeout: float = 1.0) -> int | None:
-    """The exit code of a dead worker.
-
-    Its executor's manager thread reaps it too, and a forkserver child's status
-    can be read only once (a second reader gets 255), so wait for that reaping
-    and read the cached code; poll ourselves only if it does not come.
-    """
-    popen = getattr(process, "_popen", None)
-    deadline = time.monotonic() + timeout
-    while popen is not None and time.monotonic() < deadline:
-        if popen.returncode is not None:
-            return popen.returncode
-        time.sleep(0.005)
-    process.join(0.1)
-    return process.exitcode
+def _wait_all(handles: list[launch.Handle], _unused: list, deadline: float) -> None:
+    """Wait until every process has exited, or the deadline passes."""
+    pending = [h.sentinel for h in handles if h.sentinel is not None and h.sentinel >= 0]
+    while pending:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        try:
+            ready, _, _ = select.select(pending, [], [], left)
+        except (OSError, ValueError):
+            return
+        pending = [fd for fd in pending if fd not in ready]
 
 
-def _take(slot: Slot, seq: int, count: int) -> None:
-    """Count chunks the consumer took, unless the slot moved on to another job."""
-    run = slot.run
-    if run is not None and run.seq == seq:
-        slot.control.take(count)
+def _model_id(key: str) -> str:
+    return key.split("\0", 1)[0]
 
 
-def _fail_waiter(waiter: asyncio.Future) -> None:
-    if not waiter.done():
-        waiter.set_exception(PoolClosed("The process pool has shut down"))
+def _total_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def describe_exit(code: int | None) -> str:

@@ -1,9 +1,14 @@
 """How the reply comes back: one prompt in flight, as its consumer sees it.
 
-Pool threads (a process pool's drain thread, a thread pool's worker) call
+Pool threads (the process pool's reactor, a thread pool's worker) call
 ``deliver()``; the consumer awaits ``next()`` on its own event loop. Nothing
 here outlives the prompt, so a pool can serve many event loops in turn, as
 the ``llm`` CLI needs (it calls ``asyncio.run()`` twice).
+
+The timeout starts when a worker takes the prompt (``Dispatched``). A worker
+that has not run this model before must load it first, inside the model's
+first ``execute()``: until the first chunk comes, the load allowance
+(``LLM_ASYNC_POOL_LOAD_TIMEOUT``) applies instead.
 """
 
 from __future__ import annotations
@@ -11,9 +16,17 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..errors import PromptTimeout
-from ..messages import Event, Failed, Started
+from ..messages import Event, Failed
+
+
+@dataclass
+class Dispatched:
+    """Parent-side only: a worker took the prompt. ``cold``: it loads the model first."""
+
+    cold: bool = False
 
 
 class Run:
@@ -23,8 +36,9 @@ class Run:
         seq: int,
         model_id: str,
         cancel: Callable[[], None],
-        take: Callable[[int], None],
+        take: Callable[[int, int], None],
         timeout: float | None = None,
+        load_timeout: float | None = None,
     ):
         self.loop = loop
         self.seq = seq
@@ -33,12 +47,13 @@ class Run:
         self.take = take
         self._events: deque[Event] = deque()
         self._waiter: asyncio.Future | None = None
-        self._closed = False
+        self.closed = False
         self._timeout = timeout
+        self._load_timeout = load_timeout
+        self._loading = False
         self._timer: asyncio.TimerHandle | None = None
-        self._arm()
 
-    def deliver(self, event: Event) -> None:
+    def deliver(self, event: Event | Dispatched) -> None:
         """Called from any thread."""
         try:
             self.loop.call_soon_threadsafe(self._push, event)
@@ -57,41 +72,46 @@ class Run:
     def close(self) -> None:
         """The consumer is done; stop the worker if it is still generating."""
         self._disarm()
-        if not self._closed:
-            self._closed = True
+        if not self.closed:
+            self.closed = True
             self._cancel()
 
     def finished(self) -> None:
         """The consumer read a terminal event: nothing left to stop."""
         self._disarm()
-        self._closed = True
+        self.closed = True
 
-    def _push(self, event: Event) -> None:
-        if self._closed:
+    def _push(self, event: Event | Dispatched) -> None:
+        if self.closed:
             return
-        if type(event) is Started:
-            self._arm()
+        if type(event) is Dispatched:
+            self._loading = event.cold
+            self._arm(self._load_timeout if event.cold else self._timeout, event.cold)
             return
+        if self._loading:  # the model is loaded: the prompt's own clock starts
+            self._loading = False
+            self._arm(self._timeout, False)
         self._events.append(event)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    def _arm(self) -> None:
-        """(Re)start the timeout: at dispatch, and again once a model is loaded."""
-        if self._timeout is not None:
-            self._disarm()
-            self._timer = self.loop.call_later(self._timeout, self._expire, self._timeout)
+    def _arm(self, seconds: float | None, loading: bool) -> None:
+        self._disarm()
+        if seconds is not None:
+            self._timer = self.loop.call_later(seconds, self._expire, seconds, loading)
 
     def _disarm(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def _expire(self, timeout: float) -> None:
+    def _expire(self, seconds: float, loading: bool) -> None:
         self._timer = None
-        error = PromptTimeout(
-            f"Model {self.model_id!r} did not finish within "
-            f"LLM_ASYNC_POOL_TIMEOUT={timeout:g} seconds; its worker was stopped"
-        )
+        self._loading = False
+        if loading:
+            what = f"did not finish loading within LLM_ASYNC_POOL_LOAD_TIMEOUT={seconds:g} seconds"
+        else:
+            what = f"did not finish within LLM_ASYNC_POOL_TIMEOUT={seconds:g} seconds"
+        error = PromptTimeout(f"Model {self.model_id!r} {what}; its worker was stopped")
         self._push(Failed(self.seq, error))
         self.close()

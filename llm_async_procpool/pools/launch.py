@@ -1,0 +1,229 @@
+"""How worker and template processes start, and how the parent watches and stops them.
+
+A process is started by ``multiprocessing``: with the **fork** start method
+while this process has a single thread (a fresh ``llm`` CLI run, a plain
+script), which is safe then and costs a millisecond because the child already
+has llm and its plugins; otherwise with **forkserver** (spawn where the
+platform has no forkserver), because forking a process with threads can copy
+a lock some thread holds. A worker for a model with a template is forked by
+that template (``template.py``) instead.
+
+Every process gets a ``Handle``: its pid, a sentinel fd that becomes readable
+when it exits (checked by the pool's reactor, whatever the process did with
+its pipes), its exit code, and a kill that cannot hit a recycled pid.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import select
+import signal
+import socket
+import sys
+import threading
+from multiprocessing.connection import Connection
+from typing import Any
+
+from .. import template, worker
+from ..messages import NeedModel, Warmed
+from ..template import STATUS
+
+START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+PRELOAD = "llm_async_procpool._forkserver"
+#: Templates need fork, SCM_RIGHTS on SOCK_SEQPACKET and pidfds: Linux.
+CAN_SHARE = (
+    sys.platform.startswith("linux")
+    and hasattr(os, "pidfd_open")
+    and hasattr(socket, "send_fds")
+    and hasattr(signal, "pidfd_send_signal")
+)
+
+
+class Handle:
+    """A worker or template process, as the parent sees it."""
+
+    pid: int
+    sentinel: int
+
+    def exit_code(self, timeout: float = 1.0) -> int | None: ...
+    def kill(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class ProcessHandle(Handle):
+    """A process started by ``multiprocessing`` (fork, forkserver or spawn)."""
+
+    def __init__(self, process: multiprocessing.process.BaseProcess):
+        self.process = process
+        self.pid = process.pid
+        self.sentinel = process.sentinel
+
+    def exit_code(self, timeout: float = 1.0) -> int | None:
+        self.process.join(timeout)
+        return self.process.exitcode
+
+    def kill(self) -> None:
+        try:
+            self.process.kill()
+        except (OSError, AttributeError, ValueError):
+            pass
+
+    def close(self) -> None:
+        try:
+            self.process.close()
+        except ValueError:  # still running: it is being killed
+            pass
+
+
+class ForkedHandle(Handle):
+    """A worker forked by a template: a pidfd, and the template's status pipe."""
+
+    def __init__(self, pid: int, status: int):
+        self.pid = pid
+        self.sentinel = os.pidfd_open(pid)
+        self._status = status
+        self._code: int | None = None
+
+    def exit_code(self, timeout: float = 1.0) -> int | None:
+        if self._status >= 0:
+            ready, _, _ = select.select([self._status], [], [], timeout)
+            if ready:
+                data = os.read(self._status, STATUS.size)
+                if len(data) == STATUS.size:
+                    (self._code,) = STATUS.unpack(data)
+            os.close(self._status)
+            self._status = -1
+        return self._code
+
+    def kill(self) -> None:
+        try:
+            signal.pidfd_send_signal(self.sentinel, signal.SIGKILL)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for fd in (self.sentinel, self._status):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.sentinel = self._status = -1
+
+
+class Pipes:
+    """A worker's job and event pipes: the parent's ends as fds, the child's as
+    Connections, which ``multiprocessing`` knows how to hand to a child."""
+
+    def __init__(self):
+        child_jobs, self.jobs = os.pipe()
+        self.events, child_events = os.pipe()
+        self.child_jobs = Connection(child_jobs, writable=False)
+        self.child_events = Connection(child_events, readable=False)
+
+    def close_child_ends(self) -> None:
+        self.child_jobs.close()
+        self.child_events.close()
+
+
+def single_threaded() -> bool:
+    """Is it safe to fork this process right now? Native threads count too."""
+    if threading.active_count() != 1:
+        return False
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
+def context() -> multiprocessing.context.BaseContext:
+    if CAN_SHARE and single_threaded():
+        return multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context(START_METHOD)
+    if START_METHOD == "forkserver":
+        _preload_forkserver(ctx)
+    return ctx
+
+
+def start(target: Any, args: tuple, pipes: Pipes, name: str) -> ProcessHandle:
+    """Start a process; the parent keeps only its own pipe ends."""
+    ctx = context()
+    process = ctx.Process(target=target, args=args, name=name, daemon=False)
+    try:
+        process.start()
+    finally:
+        pipes.close_child_ends()
+    return ProcessHandle(process)
+
+
+def start_worker(boot: worker.Boot, pipes: Pipes) -> ProcessHandle:
+    boot.jobs, boot.events = pipes.child_jobs, pipes.child_events
+    return start(worker.main, (boot,), pipes, "llm-async-pool-worker")
+
+
+class TemplateLink:
+    """The parent's end of a template candidate: warm it up, then fork from it."""
+
+    def __init__(self, boot: worker.Boot, pipes: Pipes):
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        boot.jobs, boot.events = pipes.child_jobs, pipes.child_events
+        try:
+            self.handle = start(template.main, (boot, child_end), pipes, "llm-async-pool-template")
+        finally:
+            child_end.close()
+        self.sock = parent_end
+        self.lock = threading.Lock()
+
+    def warm_up(self, send_job: Any, timeout: float | None) -> Warmed:
+        """Wait for the warm-up's verdict; ``send_job(with_model)`` (re)sends the job.
+
+        Raises ``TimeoutError`` past ``timeout`` and ``EOFError`` if the
+        candidate died or could not load the model (it then serves as a worker).
+        """
+        send_job(False)
+        self.sock.settimeout(timeout)
+        while True:
+            data = self.sock.recv(1 << 16)
+            if not data:
+                raise EOFError("the template process ended during its warm-up")
+            reply = pickle.loads(data)
+            if isinstance(reply, NeedModel):
+                send_job(True)
+                continue
+            return reply
+
+    def fork(self, index: int, pipes: Pipes, timeout: float = 10.0) -> ForkedHandle:
+        """Ask the template for a worker on ``pipes``."""
+        jobs, events = pipes.child_jobs.fileno(), pipes.child_events.fileno()
+        try:
+            with self.lock:
+                self.sock.settimeout(timeout)
+                socket.send_fds(self.sock, [pickle.dumps(("fork", index))], [jobs, events])
+                data, fds, _flags, _address = socket.recv_fds(self.sock, 1 << 16, 1)
+        finally:
+            pipes.close_child_ends()
+        if not data or not fds:
+            for fd in fds:
+                os.close(fd)
+            raise EOFError("the template process ended")
+        _, pid = pickle.loads(data)
+        return ForkedHandle(pid, fds[0])
+
+    def close(self) -> None:
+        """The template exits when its socket closes; its workers then follow."""
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def _preload_forkserver(ctx: multiprocessing.context.BaseContext) -> None:
+    """Add our warm-up module to the forkserver's preload list, keeping the
+    user's entries. It takes effect only if the forkserver has not started yet."""
+    from multiprocessing import forkserver
+
+    current = list(getattr(forkserver._forkserver, "_preload_modules", ["__main__"]))
+    if PRELOAD not in current:
+        ctx.set_forkserver_preload([*current, PRELOAD])

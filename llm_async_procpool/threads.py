@@ -1,0 +1,121 @@
+"""The thread budget: how many compute threads a worker's native libraries may use.
+
+Torch, BLAS, OpenMP and llama.cpp each start a thread per core. Two workers
+on two cores would then run four compute threads, and every worker loses.
+
+- ``environment()`` sets the usual knobs (``OMP_NUM_THREADS`` and friends) to
+  the worker's static share, ``cores // workers``, before any model code runs,
+  unless the user has set them, and makes OpenMP threads sleep rather than spin
+  when idle (``OMP_WAIT_POLICY=PASSIVE``).
+- ``patch_cpu_count()`` makes ``os.cpu_count()`` and
+  ``multiprocessing.cpu_count()`` report that share, for libraries that size
+  their pools from them (llama-cpp-python's ``n_threads``).
+- ``Budget.adjust()`` runs between chunks: with ``LLM_ASYNC_POOL_THREADS=auto``
+  a worker running alone gets every core, and each of N busy workers gets
+  ``cores // N`` (through ``torch.set_num_threads`` and threadpoolctl).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+from typing import Any
+
+from .messages import BUSY
+
+KNOBS = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+)
+#: Modules whose presence means a native thread pool may need resizing.
+NATIVE = ("torch", "numpy", "scipy", "llama_cpp", "sklearn")
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def user_pinned(environ: dict[str, str]) -> bool:
+    """Has the user sized OpenMP themselves? Then their setting wins everywhere."""
+    return bool(environ.get("OMP_NUM_THREADS", "").strip())
+
+
+def environment(environ: dict[str, str], threads: int) -> dict[str, str]:
+    """The worker's environment: the knobs the user left unset, at ``threads``."""
+    result = dict(environ)
+    for name in KNOBS:
+        if not result.get(name, "").strip():
+            result[name] = str(threads)
+    result.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return result
+
+
+def patch_cpu_count(threads: int) -> None:
+    def cpu_count() -> int:
+        return threads
+
+    os.cpu_count = cpu_count
+    multiprocessing.cpu_count = cpu_count
+    if hasattr(os, "process_cpu_count"):  # Python 3.13
+        os.process_cpu_count = cpu_count
+
+
+class Budget:
+    """Resizes native thread pools between chunks, when the share changes."""
+
+    def __init__(self, cells: Any, cores: int, fixed: int | None):
+        self.cells = cells
+        self.cores = cores
+        self.fixed = fixed
+        self.current: int | None = None
+        self.native_seen = 0
+
+    def share(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        return max(1, self.cores // max(1, self.cells[BUSY]))
+
+    def adjust(self) -> None:
+        share = self.share()
+        seen = sum(1 for name in NATIVE if name in sys.modules)
+        if share == self.current and seen == self.native_seen:
+            return
+        self.current, self.native_seen = share, seen
+        if seen:
+            limit(share)
+
+
+def limit(threads: int) -> None:
+    """Set every loaded native thread pool to ``threads``."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        try:
+            torch.set_num_threads(threads)
+        except Exception:
+            pass
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    try:
+        threadpool_limits(limits=threads)
+    except Exception:
+        pass
+
+
+def threads_now() -> int:
+    """Threads of this process, native ones included (Linux), else Python's count."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        import threading
+
+        return threading.active_count()
