@@ -12,13 +12,31 @@ from pathlib import Path
 from typing import Any
 
 import llm
-from llm.parts import StreamEvent
+
+try:
+    from llm.parts import StreamEvent
+except ImportError:  # llm before 0.32 has no stream events
+    StreamEvent = None
 
 
 class Unpicklable(Exception):
     def __init__(self, message):
         super().__init__(message)
         self.lock = threading.Lock()
+
+
+def openai_error():
+    """A real openai.AuthenticationError: its constructor takes keyword-only
+    arguments, so pickle cannot rebuild it."""
+    import openai
+    from openai import _exceptions
+
+    http = getattr(_exceptions, "httpx2", None) or _exceptions.httpx
+    request = http.Request("POST", "https://api.example.com/v1/completions")
+    response = http.Response(401, request=request, headers={"x-request-id": "req-42"})
+    return openai.AuthenticationError(
+        "Error code: 401 - invalid key", response=response, body={"error": "invalid key"}
+    )
 
 
 class Probe(llm.Model):
@@ -81,12 +99,12 @@ class Probe(llm.Model):
                 {"name": r.name, "output": r.output, "id": r.tool_call_id}
                 for r in prompt.tool_results
             ],
-            "hide_reasoning": prompt.hide_reasoning,
+            "hide_reasoning": getattr(prompt, "hide_reasoning", False),
             "explicit_key": response._key,
             "history": history,
             "messages": [
                 [m.role, " ".join(p.text for p in m.parts if getattr(p, "text", None))]
-                for m in prompt.messages
+                for m in getattr(prompt, "messages", [])
             ],
             "loaded": len(conversation.loaded_messages or []) if conversation else 0,
         }
@@ -96,10 +114,11 @@ class Probe(llm.Model):
             details={"pid": os.getpid()},
         )
         response.set_resolved_model("probe-resolved-1")
-        if options.reasoning:
+        if options.reasoning and StreamEvent is not None:
             yield StreamEvent(type="reasoning", chunk="thinking hard")
         if options.call_tool and not prompt.tool_results:
-            response.add_tool_call(llm.ToolCall(name=options.call_tool, arguments={"x": 2}))
+            call = llm.ToolCall(name=options.call_tool, arguments={"x": 2}, tool_call_id="call-1")
+            response.add_tool_call(call)
             return
         if prompt.tool_results:
             yield "tool said: " + ", ".join(r.output for r in prompt.tool_results)
@@ -128,6 +147,14 @@ def misbehave(kind: str) -> None:
         raise ValueError("probe failed on purpose")
     if kind == "unpicklable":
         raise Unpicklable("probe failed with an unpicklable error")
+    if kind == "local":  # a class the parent cannot import
+
+        class LocalError(Exception):
+            pass
+
+        raise LocalError("probe failed with a class only the worker has")
+    if kind == "openai":
+        raise openai_error()
     if kind == "exit":
         os._exit(7)
     if kind == "kill":

@@ -51,7 +51,7 @@ def test_bad_pool_setting_gives_a_clear_error_and_models_still_list(user_dir):
     env = {**user_dir, "LLM_ASYNC_POOL": "gpu"}
     result = llm_cli("prompt", "--async", "-m", "markov", "hi", env=env)
     assert result.returncode == 1
-    assert "LLM_ASYNC_POOL='gpu' is not valid: use one of process, thread" in result.stderr
+    assert "LLM_ASYNC_POOL='gpu' is not valid: use one of auto, process, thread" in result.stderr
     listed = llm_cli("models", "list", "--async", env=env)
     assert listed.returncode == 0, listed.stderr
     assert "markov" in listed.stdout
@@ -114,21 +114,32 @@ def test_cli_options_system_attachments_and_continue(tmp_path):
 
 def test_status_command_lists_twins_and_live_workers():
     out = run_cli("async-pool", "status", "-m", "probe")
-    assert "Pool: process" in out
+    assert "Pool: auto; process workers: 2" in out
     twins = next(line for line in out.splitlines() if line.startswith("Async twins"))
     assert "markov" in twins and "probe" in twins and "probe-native" not in twins
-    native = next(line for line in out.splitlines() if line.startswith("Native"))
-    assert "probe-native" in native and "echo" in native
-    worker_lines = [line for line in out.splitlines() if line.strip().startswith("pid ")]
-    assert worker_lines and any("probe" in line for line in worker_lines)
-    report = json.loads(run_cli("async-pool", "status", "--json"))
-    (pool,) = [p for p in report["live_pools"] if p["pool"] == "process"]
-    assert pool["size"] == 2
-    for worker in pool["workers"]:
-        assert worker["pid"] != os.getpid() and worker["rss_bytes"] > 10 * 2**20
+    assert "Live process pool" in out and "PSS" in out and "shared" in out
+    assert "OK: model 'probe' loaded in a worker process of the process pool" in out
+    assert "first chunk after" in out and "the prompt was then stopped" in out
 
 
-def test_status_command_reports_a_bad_setting(monkeypatch):
+def run_cli_failing(*args):
+    from click.testing import CliRunner
+    from llm.cli import cli
+
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    assert result.exit_code != 0
+    return result.output
+
+
+def test_status_errors_are_one_line_with_a_nonzero_exit(monkeypatch):
+    out = run_cli_failing("async-pool", "status", "-m", "nosuchmodel")
+    assert out.strip() == "Error: Unknown model: 'nosuchmodel' (see llm models)"
+    out = run_cli_failing("async-pool", "status", "-m", "probe-native")
+    assert out.strip() == (
+        "Error: 'probe-native' is a native async model: it runs as its plugin wrote it, "
+        "and no pool is involved"
+    )
     monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "lots")
-    out = run_cli("async-pool", "status")
+    out = run_cli_failing("async-pool", "status")
     assert "Configuration error: LLM_ASYNC_POOL_WORKERS='lots' is not valid" in out
+    assert out.strip().endswith("or unset it")

@@ -9,16 +9,28 @@ from llm_async_procpool import PoolConfigError, config
 @pytest.mark.parametrize(
     "name, value, expected",
     [
-        ("LLM_ASYNC_POOL", "procesz", "use one of process, thread"),
+        ("LLM_ASYNC_POOL", "procesz", "use one of auto, process, thread, ray"),
         ("LLM_ASYNC_POOL_WORKERS", "0", "an integer > 0"),
         ("LLM_ASYNC_POOL_WORKERS", "two", "an integer > 0"),
+        ("LLM_ASYNC_POOL_WORKERS", "99999999999999999999", "and <= 512"),
+        ("LLM_ASYNC_POOL_WORKERS", "\u0661", "an integer > 0"),  # an Arabic-Indic one
+        ("LLM_ASYNC_POOL_WORKERS", "1e3", "an integer > 0"),
         ("LLM_ASYNC_POOL_TIMEOUT", "-1", "a number of seconds > 0"),
         ("LLM_ASYNC_POOL_TIMEOUT", "nan", "a number of seconds > 0"),
+        ("LLM_ASYNC_POOL_TIMEOUT", "1e400", "and <= 1e+06"),
         ("LLM_ASYNC_POOL_GRACE", "soon", "a number of seconds >= 0"),
+        ("LLM_ASYNC_POOL_GRACE", "inf", "a number of seconds >= 0"),
         ("LLM_ASYNC_POOL_IDLE_TIMEOUT", "0", "a number of seconds > 0"),
+        ("LLM_ASYNC_POOL_IDLE_TIMEOUT", "inf", "and <= 1e+06"),
+        ("LLM_ASYNC_POOL_IDLE_TIMEOUT", "1e10", "and <= 1e+06"),
         ("LLM_ASYNC_POOL_MAX_TASKS", "1.5", "an integer > 0"),
-        ("LLM_ASYNC_POOL_NICE", "20", "an integer from 0 to 19"),
-        ("LLM_ASYNC_POOL_NICE", "-1", "an integer from 0 to 19"),
+        ("LLM_ASYNC_POOL_NICE", "20", "an integer >= 0 and <= 19"),
+        ("LLM_ASYNC_POOL_NICE", "-1", "an integer >= 0 and <= 19"),
+        ("LLM_ASYNC_POOL_THREADS", "many", "an integer > 0"),
+        ("LLM_ASYNC_POOL_LOAD_TIMEOUT", "0", "a number of seconds > 0"),
+        ("LLM_ASYNC_POOL_SHARE", "maybe", "use on or off"),
+        ("LLM_ASYNC_POOL_MODELS", "probe=thread", "a JSON object"),
+        ("LLM_ASYNC_POOL_MODELS", '{"probe": "gpu"}', "a JSON object"),
     ],
 )
 async def test_bad_value_fails_the_prompt_with_a_clear_error(monkeypatch, name, value, expected):
@@ -31,7 +43,8 @@ async def test_bad_value_fails_the_prompt_with_a_clear_error(monkeypatch, name, 
 
 
 def test_defaults_and_valid_values():
-    assert config.load({}) == config.Settings(config.PoolSettings(workers=config.default_workers()))
+    assert config.load({}) == config.Settings()
+    assert config.load({}).pool == config.PoolSettings(workers=None, threads=None, share=True)
     settings = config.load(
         {
             "LLM_ASYNC_POOL": " Thread ",
@@ -41,9 +54,26 @@ def test_defaults_and_valid_values():
             "LLM_ASYNC_POOL_IDLE_TIMEOUT": "60",
             "LLM_ASYNC_POOL_MAX_TASKS": "100",
             "LLM_ASYNC_POOL_NICE": "0",
+            "LLM_ASYNC_POOL_THREADS": "2",
+            "LLM_ASYNC_POOL_LOAD_TIMEOUT": "1e3",
+            "LLM_ASYNC_POOL_SHARE": "off",
+            "LLM_ASYNC_POOL_MODELS": '{"markov": "process"}',
         }
     )
-    assert settings == config.Settings(config.PoolSettings("thread", 3, 60.0, 100, 0), 2.5, 0.0)
+    assert settings.pool == config.PoolSettings("thread", 3, 60.0, 100, 0, 2, False)
+    assert (settings.timeout, settings.grace, settings.load_timeout) == (2.5, 0.0, 1000.0)
+    assert settings.models == (("markov", "process"),)
+
+
+def test_auto_runs_api_backed_models_in_threads_and_the_rest_in_processes():
+    settings = config.load({})
+    assert settings.pool_for(llm.get_model("markov")).kind == "process"
+    api = settings.pool_for(llm.get_model("probe-key"))  # a key model: an API, as a rule
+    assert (api.kind, api.workers) == ("thread", config.DEFAULT_API_WORKERS)
+    chosen = config.load({"LLM_ASYNC_POOL_MODELS": '{"probe-key": "process"}'})
+    assert chosen.pool_for(llm.get_model("probe-key")).kind == "process"
+    forced = config.load({"LLM_ASYNC_POOL": "process"})
+    assert forced.pool_for(llm.get_model("probe-key")).kind == "process"
 
 
 def test_pool_config_error_is_a_value_error():

@@ -177,19 +177,43 @@ async def test_model_error_keeps_type_and_follows_earlier_chunks(pool_kind):
     assert seen == ["0 ", "1 "]
 
 
-async def test_unpicklable_error_arrives_with_name_message_and_traceback(pool_kind):
+async def test_an_error_that_cannot_be_pickled_keeps_its_class(pool_kind):
+    from plugin_models import Unpicklable
+
     response = probe().prompt("x", chunks=3, fail="unpicklable", fail_after=1)
-    if pool_kind == "thread":  # no pickling in-process: the original object
-        with pytest.raises(Exception, match="unpicklable error"):
-            await response.text()
-        return
+    with pytest.raises(Unpicklable) as info:
+        await response.text()
+    error = info.value
+    assert str(error) == "probe failed with an unpicklable error"
+    if pool_kind == "thread":  # the very object the model raised
+        assert hasattr(error, "lock")
+    else:  # rebuilt as its own class, with the worker's traceback attached
+        assert "misbehave" in str(error.__cause__)
+        assert "plugin_models.py" in str(error.__cause__)
+
+
+async def test_openai_errors_keep_their_class_and_status(pool_kind):
+    import openai
+
+    response = probe().prompt("x", chunks=3, fail="openai", fail_after=0)
+    with pytest.raises(openai.AuthenticationError) as info:
+        await response.text()
+    error = info.value
+    assert error.status_code == 401
+    assert error.request_id == "req-42"
+    assert error.body == {"error": "invalid key"}
+    assert str(error) == "Error code: 401 - invalid key"
+
+
+async def test_an_error_class_only_the_worker_has_becomes_remote_error():
+    response = probe().prompt("x", chunks=3, fail="local", fail_after=0)
     with pytest.raises(RemoteError) as info:
         await response.text()
     error = info.value
-    assert error.type_name == "Unpicklable"
-    assert error.message == "probe failed with an unpicklable error"
+    assert error.type_name.endswith("LocalError")
+    assert "probe failed with a class only the worker has" in str(error)
+    assert "could not be rebuilt in this process" in str(error)
     assert "misbehave" in error.traceback_text
-    assert "plugin_models.py" in error.traceback_text
 
 
 async def test_pool_still_works_after_errors(pool_kind):

@@ -130,6 +130,7 @@ class Slot:
         self.kill_at: float | None = None
         self.served = 0
         self.retired = False
+        self.gone = False  # its exit has been settled
         self.template: Template | None = None
         self.send_lock = threading.Lock()
 
@@ -155,10 +156,12 @@ class Template:
         self.key = key
         self.model = model
         self.link = link
+        self.sock = link.sock.fileno()  # kept: a closed socket forgets its fd
         self.handle = link.handle
         self.pipes = pipes
         self.index = index
         self.ready = False
+        self.closing = False
         self.deadline: float | None = None
         self.waiting: deque[tuple[launch.Pipes, int]] = deque()  # fork requests
         self.children = 0
@@ -438,7 +441,7 @@ class ProcessPool(Pool):
         self._reactor.watch(slot.handle.sentinel, lambda: self._on_exit(slot))
 
     def _watch_template(self, template: Template) -> None:
-        self._reactor.watch(template.link.sock.fileno(), lambda: self._on_template(template))
+        self._reactor.watch(template.sock, lambda: self._on_template(template))
         self._reactor.watch(template.handle.sentinel, lambda: self._on_template_exit(template))
 
     # ------------------------------------------------------------ templates
@@ -451,7 +454,7 @@ class ProcessPool(Pool):
         except OSError:
             data, fds = b"", []
         if not data:
-            self._reactor.unwatch(template.link.sock.fileno())
+            self._close_template(template)
             if not template.ready:  # it could not load the model: it serves as a worker
                 self._candidate_becomes_worker(template, "the model did not load in the template")
             return
@@ -489,14 +492,20 @@ class ProcessPool(Pool):
             self._reactor.unwatch(template.handle.sentinel)
             state = self._models[template.key]
             state.loading, state.warm, state.shareable, state.reason = None, True, False, reason
-        template.link.close()
+        self._close_template(template)
         pipes = template.pipes
         self._add_slot(template.handle, pipes.jobs, pipes.events, template.index, {template.key})
 
+    def _close_template(self, template: Template) -> None:
+        """Close its socket once unwatched (it then exits); only once: its fd
+        number may be reused right after."""
+        if not template.closing:
+            template.closing = True
+            self._reactor.unwatch(template.sock, template.link.close)
+
     def _on_template_exit(self, template: Template) -> None:
-        self._reactor.unwatch(template.link.sock.fileno())
+        self._close_template(template)
         self._reactor.unwatch(template.handle.sentinel, template.handle.close)
-        template.link.close()
         with self._lock:
             self._templates.discard(template)
             state = self._models.get(template.key)
@@ -522,6 +531,8 @@ class ProcessPool(Pool):
 
     # ------------------------------------------------------------ coming back
     def _on_events(self, slot: Slot) -> None:
+        if slot.gone:
+            return
         for seq, kind, payload, size in slot.reader.read():
             self._on_frame(slot, seq, kind, payload, size)
         if slot.reader.eof:  # it closed its event pipe: it cannot serve; make sure it ends
@@ -619,6 +630,9 @@ class ProcessPool(Pool):
 
     def _on_exit(self, slot: Slot) -> None:
         """Its sentinel fired: the process is gone. Read what it sent, then settle."""
+        if slot.gone:
+            return
+        slot.gone = True
         for seq, kind, payload, size in slot.reader.read():
             self._on_frame(slot, seq, kind, payload, size)
         code = slot.handle.exit_code()
@@ -727,10 +741,10 @@ class ProcessPool(Pool):
                         expired.append(template)
                     else:
                         due.append(template.deadline)
-                elif template.ready and template.children == 0 and not template.waiting:
+                elif template.ready and not (template.children or template.waiting or template.closing):
                     retire_at = template.idle_since + self.settings.idle_timeout
-                    if retire_at <= now:
-                        template.link.close()
+                    if retire_at <= now:  # it exits when its socket closes
+                        self._close_template(template)
                     else:
                         due.append(retire_at)
             if self._slots or self._templates or self._queue or self._live:
@@ -816,7 +830,10 @@ class ProcessPool(Pool):
         for item in queued:
             item.run.deliver(Failed(item.job.seq, PoolClosed("The process pool has shut down")))
         for template in templates:
-            template.link.close()
+            if self._reactor is not None:
+                self._close_template(template)
+            else:
+                template.link.close()
         grace = max((slot.item.settings.grace for slot in running if slot.item), default=0.0)
         bound = min(grace, SHUTDOWN_GRACE, max(0.0, timeout - 1.0))
         handles = [slot.handle for slot in slots] + [t.handle for t in templates]

@@ -1,0 +1,74 @@
+"""Helpers shared by the tests: processes, files and the live pools."""
+
+import json
+import os
+import time
+
+from llm_async_procpool import live_pools
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie counts as gone
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def descendants(root):
+    """Live descendants of ``root``, through forkservers and templates."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def wait_for_file(path, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text():
+            return json.loads(path.read_text())
+        time.sleep(0.005)
+    raise AssertionError(f"{path} was not written within {timeout}s")
+
+
+def process_pool(**settings):
+    """The live process pool whose settings match."""
+    for pool in live_pools():
+        if pool.kind == "process" and all(
+            getattr(pool.settings, name) == value for name, value in settings.items()
+        ):
+            return pool
+    raise AssertionError(f"no live process pool with {settings}")
+
+
+def worker_pids(pool, busy=None):
+    return [
+        w.pid
+        for w in pool.workers()
+        if w.role == "worker" and (busy is None or w.busy == busy)
+    ]
+
+
+async def started(response, chunks=2):
+    """Iterate until the model is really running in its worker."""
+    iterator = response.__aiter__()
+    for _ in range(chunks):
+        await iterator.__anext__()
+    return iterator
