@@ -88,6 +88,7 @@ class Job:
     #: so a model registered again under the same id is not served stale.
     model_key: str
     model_class: str
+    class_id: int  # id() of the class in the parent: the same object in a forked worker
     stream: bool
     prompt: PromptSpec
     conversation: ConversationSpec | None = None
@@ -182,6 +183,17 @@ class Control:
 
     def reset(self) -> None:
         self.cells[self.base + 1] = self.cells[self.base + 2] = 0
+
+    def mark_started(self) -> None:
+        """Set by the worker once our code runs, past the interpreter's start-up."""
+        self.cells[self.base + 3] = 1
+
+    def started(self) -> bool:
+        return self.cells[self.base + 3] == 1
+
+    def clear(self) -> None:
+        for offset in range(CELLS):
+            self.cells[self.base + offset] = 0
 
     def busy(self) -> int:
         return self.cells[BUSY]

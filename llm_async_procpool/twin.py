@@ -8,6 +8,7 @@ to a pool and replays what comes back onto the ``AsyncResponse``.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -68,6 +69,11 @@ class _Twin:
         # A plain Model may read an explicit key from its response, as llm allows.
         key = key if key is not None else getattr(response, "_key", None)
         job = encode_job(self.sync_model, prompt, stream, conversation, key)
+        # Hold the response weakly: the response holds this generator, so a strong
+        # reference would make a cycle, and a consumer that drops the response
+        # would keep its worker busy until a garbage-collection pass.
+        response_ref = weakref.ref(response)
+        del response, conversation, prompt
         run = await pool.submit(self.sync_model, job, settings)
         try:
             while True:
@@ -78,8 +84,10 @@ class _Twin:
                     run.take(len(event.items), event.nbytes)  # per batch: approximate
                     continue
                 run.finished()
-                if event.state is not None:
+                response = response_ref()
+                if event.state is not None and response is not None:
                     apply_state(event.state, response)
+                del response
                 if type(event) is Done:
                     if event.cancelled:  # stopped, but not by this consumer
                         raise PoolClosed(

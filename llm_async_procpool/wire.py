@@ -69,6 +69,7 @@ def encode_job(
         model_id=model.model_id,
         model_key=model_key,
         model_class=model_class,
+        class_id=id(type(model)),
         stream=stream,
         prompt=_encode_prompt(prompt),
         conversation=None if conversation is None else _encode_conversation(conversation),

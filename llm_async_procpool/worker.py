@@ -35,6 +35,8 @@ MAX_HOLD = 0.002
 MAX_BATCH = 1024
 #: Chunks closer together than this, in seconds, are a fast stream: batch them.
 FAST_GAP = 0.0002
+#: A batch of text this long goes at once (and so counts against the bytes window).
+MAX_BATCH_TEXT = 1 << 16
 #: Seconds between checks that the parent is still alive (the fallback lifeline).
 PARENT_CHECK = 0.5
 PR_SET_PDEATHSIG = 1
@@ -54,6 +56,7 @@ class Boot:
     fixed_threads: int | None  # LLM_ASYNC_POOL_THREADS, or None for auto
     cores: int
     parent: int  # the app's pid
+    inherited: bool = False  # forked from the app: it holds the app's own classes
 
 
 class Outbox:
@@ -79,6 +82,7 @@ class Outbox:
         self._last_put = 0.0
         self._chunks = 0
         self._bytes = 0
+        self._text = 0  # characters of str chunks in the batch
         self.error: BaseException | None = None
         self._flusher_running = False  # started on first need: a template forks threadless
 
@@ -99,6 +103,8 @@ class Outbox:
             batch = self._batch
             batch.append(chunk)
             self._chunks += 1
+            if type(chunk) is str:
+                self._text += len(chunk)
             if len(batch) == 1:
                 if now - self._last_put >= FAST_GAP:
                     self._flush_locked()
@@ -110,7 +116,11 @@ class Outbox:
                             target=self._flusher, name="outbox-flusher", daemon=True
                         ).start()
                     self._wake.notify()
-            elif now - self._first >= MAX_HOLD / 2 or len(batch) >= MAX_BATCH:
+            elif (
+                now - self._first >= MAX_HOLD / 2
+                or len(batch) >= MAX_BATCH
+                or self._text >= MAX_BATCH_TEXT
+            ):
                 self._flush_locked()
             self._last_put = now
 
@@ -127,6 +137,7 @@ class Outbox:
 
     def _flush_locked(self) -> None:
         batch, self._batch = self._batch, []
+        self._text = 0
         try:
             payload = channel.dumps(Chunks(self._seq, batch))
         except Exception:
@@ -224,11 +235,13 @@ class Worker:
         self.jobs = _fd(boot.jobs)
         self.out = Outbox(_fd(boot.events))
         self.control = Control(boot.cells, boot.index)
+        self.control.mark_started()
         self.budget = None
         if not threads.user_pinned(boot.environ):
             self.budget = threads.Budget(boot.cells, boot.cores, boot.fixed_threads)
         self.models: dict[str, llm.Model] = models or {}
         self.registry: dict[str, llm.Model] | None = None
+        self.inherited = boot.inherited
 
     def serve(self) -> None:
         """Run jobs until the parent closes the job pipe."""
@@ -269,11 +282,20 @@ class Worker:
                 model = cloudpickle.loads(job.model_blob)
             else:
                 found = self._registry().get(job.model_id)
-                if found is not None and class_name(found) == job.model_class:
+                if found is not None and self._same_class(found, job):
                     model = found
             if model is not None:
+                for key in [k for k in self.models if k.split("\0")[0] == job.model_id]:
+                    del self.models[key]  # an older version of this model id
                 self.models[job.model_key] = model
         return model
+
+    def _same_class(self, found: llm.Model, job: Job) -> bool:
+        """Is our registry's model the parent's? A forked worker holds the
+        parent's very class objects; a fresh one imported the installed code."""
+        if self.inherited:
+            return id(type(found)) == job.class_id
+        return class_name(found) == job.model_class
 
     def _registry(self) -> dict[str, llm.Model]:
         if self.registry is None:

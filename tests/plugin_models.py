@@ -60,6 +60,10 @@ class Probe(llm.Model):
         pause_after: int | None = None
         pause: float = 0.0
         spin: int = 0
+        odd_at: int | None = None  # yield an unpicklable chunk here
+        odd_json: str | None = None  # set response_json to something unpicklable
+        size: int = 0  # pad each chunk to this many characters
+        finally_sleep: float = 0.0
 
     def __init__(self):
         self.loads = 0
@@ -123,6 +127,8 @@ class Probe(llm.Model):
         if prompt.tool_results:
             yield "tool said: " + ", ".join(r.output for r in prompt.tool_results)
             return
+        if options.odd_json:
+            response.response_json = unpicklable(options.odd_json)
         yielded = 0
         try:
             for i in range(options.chunks):
@@ -132,14 +138,34 @@ class Probe(llm.Model):
                     time.sleep(options.delay)
                 for _ in range(options.spin):  # CPU-bound, holds the GIL
                     pass
-                yield f"{i} "
+                if i == options.odd_at:
+                    yield threading.Lock()
+                yield f"{i} ".ljust(options.size, "x")
                 yielded += 1
                 if i == options.pause_after:
                     time.sleep(options.pause)
         finally:
+            time.sleep(options.finally_sleep)
             if options.marker:
                 report = {"pid": os.getpid(), "yielded": yielded, "at": time.time()}
                 Path(options.marker).write_text(json.dumps(report))
+
+
+class BadStr(Exception):
+    """Cannot be pickled, and cannot even be printed."""
+
+    def __init__(self):
+        super().__init__("bad")
+        self.lock = threading.Lock()
+
+    def __str__(self):
+        raise RuntimeError("no string for you")
+
+
+def unpicklable(kind: str):
+    if kind == "lambda":
+        return {"callback": lambda: None}
+    return {"lock": threading.Lock()}
 
 
 def misbehave(kind: str) -> None:
@@ -155,6 +181,19 @@ def misbehave(kind: str) -> None:
         raise LocalError("probe failed with a class only the worker has")
     if kind == "openai":
         raise openai_error()
+    if kind == "bad_str":
+        raise BadStr()
+    if kind == "fork_then_exit":  # a helper inherits the worker's pipes, then we die
+        import multiprocessing
+
+        multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,)).start()
+        os._exit(3)
+    if kind == "close_fds":  # lose our pipes, keep running
+        os.closerange(3, 4096)
+        while True:
+            time.sleep(0.05)
+    if kind == "gil_sleep":  # a C call that holds the GIL
+        ctypes.PyDLL(None).sleep(60)
     if kind == "exit":
         os._exit(7)
     if kind == "kill":

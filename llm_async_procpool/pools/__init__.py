@@ -79,10 +79,10 @@ def _install_exit_hook() -> None:
     # which would wait on our threads and children. threading's exit hooks run
     # first, last-in first-out, so import those modules (registering theirs)
     # before registering ours.
-    import concurrent.futures.thread  # noqa: F401
-    import multiprocessing.util  # noqa: F401
-
     try:
+        import concurrent.futures.thread  # noqa: F401
+        import multiprocessing.util  # noqa: F401
+
         threading._register_atexit(_at_exit)
     except RuntimeError:  # "can't register atexit after shutdown"
         _state["exiting"] = True

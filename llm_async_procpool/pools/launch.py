@@ -147,10 +147,12 @@ def context() -> multiprocessing.context.BaseContext:
     return ctx
 
 
-def start(target: Any, args: tuple, pipes: Pipes, name: str) -> ProcessHandle:
+def start(target: Any, boot: worker.Boot, extra: tuple, pipes: Pipes, name: str) -> ProcessHandle:
     """Start a process; the parent keeps only its own pipe ends."""
     ctx = context()
-    process = ctx.Process(target=target, args=args, name=name, daemon=False)
+    boot.jobs, boot.events = pipes.child_jobs, pipes.child_events
+    boot.inherited = ctx.get_start_method() == "fork"
+    process = ctx.Process(target=target, args=(boot, *extra), name=name, daemon=False)
     try:
         process.start()
     finally:
@@ -159,8 +161,7 @@ def start(target: Any, args: tuple, pipes: Pipes, name: str) -> ProcessHandle:
 
 
 def start_worker(boot: worker.Boot, pipes: Pipes) -> ProcessHandle:
-    boot.jobs, boot.events = pipes.child_jobs, pipes.child_events
-    return start(worker.main, (boot,), pipes, "llm-async-pool-worker")
+    return start(worker.main, boot, (), pipes, "llm-async-pool-worker")
 
 
 class TemplateLink:
@@ -168,9 +169,8 @@ class TemplateLink:
 
     def __init__(self, boot: worker.Boot, pipes: Pipes):
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        boot.jobs, boot.events = pipes.child_jobs, pipes.child_events
         try:
-            self.handle = start(template.main, (boot, child_end), pipes, "llm-async-pool-template")
+            self.handle = start(template.main, boot, (child_end,), pipes, "llm-async-pool-template")
         finally:
             child_end.close()
         self.sock = parent_end

@@ -68,9 +68,10 @@ from .reactor import Reactor
 from .run import Dispatched, Run
 
 STARTUP_HINT = (
-    " It ran no prompt before it died, and its traceback names the main module: a"
-    " script must keep its top-level code under `if __name__ == '__main__':`,"
-    " because workers started by spawn or forkserver import the main module again."
+    " It died while starting, before any of its own code ran: see its traceback on"
+    " stderr. If it names your main module, keep the script's top-level code under"
+    " `if __name__ == '__main__':`, because workers started by spawn or forkserver"
+    " import the main module again."
 )
 #: Jobs larger than this are written from a helper thread, not under the lock.
 INLINE_JOB = 60_000
@@ -358,13 +359,13 @@ class ProcessPool(Pool):
         load_timeout = item.settings.load_timeout
         template.deadline = None if load_timeout is None else time.monotonic() + load_timeout
         with self._lock:
-            self._templates.add(template)
-            self._models[key].loading = template
-            if self._reactor is not None:
-                self._watch_template(template)
-            closed = self.closed
-        if closed:
-            link.close()
+            if not self.closed:
+                self._templates.add(template)
+                self._models[key].loading = template
+                if self._reactor is not None:
+                    self._watch_template(template)
+        if self.closed:  # shut down while it started: it must not outlive us
+            _abandon(link.handle, link.close, pipes.jobs, pipes.events)
             return
         self._send_warm_up(template, with_model=False)
 
@@ -397,7 +398,9 @@ class ProcessPool(Pool):
 
     def _take_index(self) -> int:
         with self._lock:
-            return self._indexes.pop()
+            index = self._indexes.pop()
+            Control(self.cells, index).clear()
+            return index
 
     def _start_failed(self, index: int, error: BaseException) -> None:
         with self._lock:
@@ -429,8 +432,9 @@ class ProcessPool(Pool):
                 self._watch(slot)
             for item in self._queue:
                 item.requested = False  # the new worker may go to another: ask again
-            if self.closed:
+            if self.closed:  # shut down while it started: it must not outlive us
                 self._retire(slot)
+                slot.handle.kill()
             else:
                 self._idle.append(slot)
                 self._dispatch()
@@ -669,7 +673,7 @@ class ProcessPool(Pool):
         how = describe_exit(code)
         if slot.template is not None and slot.template not in self._templates:
             how += " (its template process had ended)"
-        hint = STARTUP_HINT if slot.served == 0 and code and code > 0 else ""
+        hint = STARTUP_HINT if code and code > 0 and not slot.control.started() else ""
         return WorkerCrashed(
             f"The worker process (pid {slot.pid}) running model {item.job.model_id!r} "
             f"{how}. The pool has replaced it; other prompts are not affected.{hint}"
@@ -723,7 +727,8 @@ class ProcessPool(Pool):
         with self._lock:
             for slot in self._slots:
                 if slot.kill_at is not None:
-                    if slot.kill_at <= now:
+                    if slot.kill_at <= now:  # retired with the kill: a Done already on
+                        self._retire(slot)  # its way must not free it for another prompt
                         slot.kill_at = None
                         slot.handle.kill()
                     else:
@@ -854,6 +859,17 @@ class ProcessPool(Pool):
             self._reactor.stop()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _abandon(handle: launch.Handle, *closers: Any) -> None:
+    """Kill a process started after shutdown, and let go of its ends."""
+    handle.kill()
+    for close in closers:
+        try:
+            close() if callable(close) else os.close(close)
+        except OSError:
+            pass
+    handle.exit_code(1.0)
 
 
 def _wait_all(handles: list[launch.Handle], _unused: list, deadline: float) -> None:
