@@ -44,16 +44,15 @@ def usable_cores() -> int:
 
 
 def user_pinned(environ: dict[str, str]) -> bool:
-    """Has the user sized OpenMP themselves? Then their setting wins everywhere."""
-    return bool(environ.get("OMP_NUM_THREADS", "").strip())
+    """Has the user sized a thread pool themselves? Then we leave them all alone."""
+    return any(environ.get(name, "").strip() for name in KNOBS)
 
 
 def environment(environ: dict[str, str], threads: int) -> dict[str, str]:
-    """The worker's environment: the knobs the user left unset, at ``threads``."""
+    """The worker's environment: the knobs at ``threads``, unless the user set any."""
     result = dict(environ)
-    for name in KNOBS:
-        if not result.get(name, "").strip():
-            result[name] = str(threads)
+    if not user_pinned(environ):
+        result.update((name, str(threads)) for name in KNOBS)
     result.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return result
 

@@ -363,7 +363,8 @@ def prepare(boot: Boot, threads_now: int) -> None:
     _drop_forkserver_lifeline()
     os.environ.clear()
     os.environ.update(threads.environment(boot.environ, threads_now))
-    threads.patch_cpu_count(boot.threads)
+    if not threads.user_pinned(boot.environ):
+        threads.patch_cpu_count(boot.threads)
     sys.setswitchinterval(0.001)  # lets the outbox flusher in within MAX_HOLD
 
 

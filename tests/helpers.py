@@ -60,9 +60,7 @@ def process_pool(**settings):
 
 def worker_pids(pool, busy=None):
     return [
-        w.pid
-        for w in pool.workers()
-        if w.role == "worker" and (busy is None or w.busy == busy)
+        w.pid for w in pool.workers() if w.role == "worker" and (busy is None or w.busy == busy)
     ]
 
 

@@ -206,6 +206,63 @@ def misbehave(kind: str) -> None:
     raise AssertionError(f"unknown failure {kind}")
 
 
+class Weights(llm.Model):
+    """Loads "weights" (a numpy array) in its first execute(), as local model
+    plugins do, and logs each load (pid, start, end) to $PROBE_LOAD_LOG."""
+
+    model_id = "probe-weights"
+    can_stream = True
+
+    class Options(llm.Options):
+        report_threads: bool = False
+        pause: float = 0.0
+
+    def __init__(self):
+        self.weights = None
+
+    def execute(self, prompt, stream, response, conversation):
+        if self.weights is None:
+            import numpy
+
+            started = time.time()
+            megabytes = int(os.environ.get("PROBE_WEIGHTS_MB", "8"))
+            time.sleep(float(os.environ.get("PROBE_LOAD_SECONDS", "0")))
+            self.weights = numpy.ones(megabytes * 2**20 // 8)
+            log = os.environ.get("PROBE_LOAD_LOG")
+            if log:
+                with open(log, "a") as out:
+                    out.write(json.dumps([os.getpid(), started, time.time()]) + "\n")
+        yield f"loaded in {os.getpid()} "
+        time.sleep(prompt.options.pause)
+        if prompt.options.report_threads:
+            yield json.dumps(thread_report())
+
+
+def thread_report():
+    import multiprocessing
+
+    from threadpoolctl import threadpool_info
+
+    blas = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+    return {
+        "env": {name: os.environ.get(name) for name in THREAD_KNOBS},
+        "cpu_count": os.cpu_count(),
+        "mp_cpu_count": multiprocessing.cpu_count(),
+        "blas": blas,
+        "pid": os.getpid(),
+    }
+
+
+THREAD_KNOBS = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "OMP_WAIT_POLICY",
+)
+
+
 class ProbeKey(llm.KeyModel):
     model_id = "probe-key"
     needs_key = "probe-key"
@@ -249,4 +306,5 @@ def register_models(register):
     register(Probe(), aliases=("probe-alias",))
     register(ProbeKey())
     register(Plain())
+    register(Weights())
     register(NativeSync(), NativeAsync())

@@ -44,7 +44,7 @@ async def test_an_unpicklable_chunk_fails_the_prompt_and_loses_nothing_silently(
     # the worker's flusher survived: a stalled batch still leaves within ~2 ms
     response = probe().prompt("y", chunks=6, pause_after=4, pause=1.0)
     arrivals = []
-    async for chunk in response:
+    async for _chunk in response:
         arrivals.append(time.monotonic())
     assert arrivals[4] - arrivals[0] < 0.3
 

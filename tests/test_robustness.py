@@ -13,7 +13,6 @@ import time
 
 import llm
 import pytest
-
 from helpers import descendants, pid_alive, process_pool, started, wait_for_file, worker_pids
 
 from llm_async_procpool import (

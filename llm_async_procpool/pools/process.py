@@ -37,7 +37,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
@@ -373,10 +373,11 @@ class ProcessPool(Pool):
         model = template.model
         prompt = llm.Prompt("hello", model, options=model.Options())
         job = encode_job(model, prompt, True, None, None)
+        job.seq = 1  # any seq but 0, which fresh stop cells hold
         if with_model:
             job.model_blob = cloudpickle.dumps(model)
         try:
-            channel.write_frame(template.pipes.jobs, 0, channel.JOB, channel.dumps(job))
+            channel.write_frame(template.pipes.jobs, job.seq, channel.JOB, channel.dumps(job))
         except (OSError, Exception):
             template.handle.kill()
 
@@ -746,7 +747,9 @@ class ProcessPool(Pool):
                         expired.append(template)
                     else:
                         due.append(template.deadline)
-                elif template.ready and not (template.children or template.waiting or template.closing):
+                elif template.ready and not (
+                    template.children or template.waiting or template.closing
+                ):
                     retire_at = template.idle_since + self.settings.idle_timeout
                     if retire_at <= now:  # it exits when its socket closes
                         self._close_template(template)
@@ -842,10 +845,10 @@ class ProcessPool(Pool):
         grace = max((slot.item.settings.grace for slot in running if slot.item), default=0.0)
         bound = min(grace, SHUTDOWN_GRACE, max(0.0, timeout - 1.0))
         handles = [slot.handle for slot in slots] + [t.handle for t in templates]
-        _wait_all(handles, [] if running else [], time.monotonic() + (bound if running else 1.0))
+        _wait_all(handles, time.monotonic() + (bound if running else 1.0))
         for handle in handles:
             handle.kill()
-        _wait_all(handles, [], time.monotonic() + 1.0)
+        _wait_all(handles, time.monotonic() + 1.0)
         for slot in running:
             item = slot.item
             if item is not None:
@@ -872,7 +875,7 @@ def _abandon(handle: launch.Handle, *closers: Any) -> None:
     handle.exit_code(1.0)
 
 
-def _wait_all(handles: list[launch.Handle], _unused: list, deadline: float) -> None:
+def _wait_all(handles: list[launch.Handle], deadline: float) -> None:
     """Wait until every process has exited, or the deadline passes."""
     pending = [h.sentinel for h in handles if h.sentinel is not None and h.sentinel >= 0]
     while pending:

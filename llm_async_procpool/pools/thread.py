@@ -78,7 +78,7 @@ class ThreadPool(Pool):
         self._size = settings.workers or os.cpu_count() or 1
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._jobs: deque[tuple[Job, llm.Model, Run, Control, Settings]] = deque()
+        self._jobs: deque[tuple[Job, llm.Model, Run, Control]] = deque()
         self._threads = 0
         self._running: dict[int, Control] = {}
         self._served = 0
@@ -100,7 +100,7 @@ class ThreadPool(Pool):
         with self._lock:
             if self.closed:
                 raise PoolClosed("The thread pool has shut down")
-            self._jobs.append((job, model, run, control, settings))
+            self._jobs.append((job, model, run, control))
             if self._threads < self._size:
                 self._threads += 1
                 threading.Thread(
@@ -122,7 +122,7 @@ class ThreadPool(Pool):
                 if self.closed and not self._jobs:
                     self._threads -= 1
                     return
-                job, model, run, control, settings = self._jobs.popleft()
+                job, model, run, control = self._jobs.popleft()
             self._run(job, model, run, control)
 
     def _run(self, job: Job, model: llm.Model, run: Run, control: Control) -> None:
@@ -205,7 +205,7 @@ class ThreadPool(Pool):
                 control.cancel(seq)
             queued, self._jobs = list(self._jobs), deque()
             self._changed.notify_all()
-        for job, _model, run, _control, _settings in queued:
+        for job, _model, run, _control in queued:
             run.deliver(Failed(job.seq, PoolClosed("The thread pool has shut down")))
 
 

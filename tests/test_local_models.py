@@ -1,0 +1,162 @@
+"""Real local models: thread budgets, one shared copy of the weights, one first
+load, and the load allowance. probe-weights loads a numpy array as its
+"weights" inside its first execute(), as local model plugins do."""
+
+import asyncio
+import json
+import os
+import time
+
+import llm
+import pytest
+from helpers import process_pool, worker_pids
+
+from llm_async_procpool import PromptTimeout
+from llm_async_procpool.pools.base import memory
+from llm_async_procpool.threads import usable_cores
+
+CORES = usable_cores()
+
+
+def weights():
+    return llm.get_async_model("probe-weights")
+
+
+async def reports(count, **options):
+    """Thread reports from ``count`` prompts running at the same time."""
+    responses = [weights().prompt(str(i), report_threads=True, **options) for i in range(count)]
+    texts = await asyncio.wait_for(asyncio.gather(*(r.text() for r in responses)), 60)
+    return [json.loads(text.split(" ", 3)[-1]) for text in texts]
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+async def test_each_worker_gets_its_share_of_the_cores(monkeypatch, workers):
+    monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", str(workers))
+    monkeypatch.setenv("LLM_ASYNC_POOL_IDLE_TIMEOUT", f"{400 + workers}")
+    share = max(1, CORES // workers)
+    # every worker busy at once: each gets cores // busy BLAS threads
+    seen = await reports(workers, pause=0.3)
+    assert len({r["pid"] for r in seen}) == workers
+    for report in seen:
+        assert report["env"]["OMP_NUM_THREADS"] == str(share)
+        assert report["env"]["OPENBLAS_NUM_THREADS"] == str(share)
+        assert report["env"]["OMP_WAIT_POLICY"] == "PASSIVE"
+        assert report["cpu_count"] == report["mp_cpu_count"] == share
+        assert report["blas"] == [max(1, CORES // workers)]
+    # alone, a worker may use every core (LLM_ASYNC_POOL_THREADS=auto)
+    (alone,) = await reports(1)
+    assert alone["blas"] == [CORES]
+
+
+async def test_a_fixed_thread_count_is_kept(monkeypatch):
+    monkeypatch.setenv("LLM_ASYNC_POOL_THREADS", "3")
+    (report,) = await reports(1)
+    assert report["env"]["OMP_NUM_THREADS"] == "3" and report["cpu_count"] == 3
+    assert report["blas"] == [3]
+
+
+async def test_the_users_own_thread_settings_win(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    monkeypatch.setenv("LLM_ASYNC_POOL_IDLE_TIMEOUT", "411")
+    (report,) = await reports(1)
+    assert report["env"]["OMP_NUM_THREADS"] == "3"
+    assert report["env"]["OPENBLAS_NUM_THREADS"] is None  # not set by us either
+    assert report["cpu_count"] == os.cpu_count()
+
+
+def _pss(pid):
+    return memory(pid).pss
+
+
+async def test_workers_share_one_copy_of_the_weights(monkeypatch):
+    """The template loads 200 MB of weights once; both workers are forked from
+    it, so together they hold about one copy, not two."""
+    megabytes = 200
+    monkeypatch.setenv("PROBE_WEIGHTS_MB", str(megabytes))
+    monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "2")
+    monkeypatch.setenv("LLM_ASYNC_POOL_IDLE_TIMEOUT", "412")
+    texts = await asyncio.gather(*(weights().prompt(str(i), pause=0.2).text() for i in range(4)))
+    assert len({t.split()[2] for t in texts}) == 2  # answered by two workers
+    pool = process_pool(idle_timeout=412)
+    workers = worker_pids(pool)
+    (template,) = [w.pid for w in pool.workers() if w.role == "template"]
+    one_copy = megabytes * 2**20
+    print("PSS MB:", {pid: _pss(pid) // 2**20 for pid in [*workers, template]})
+    assert sum(_pss(pid) for pid in workers) < 1.4 * one_copy
+    assert sum(_pss(pid) for pid in [*workers, template]) < 1.4 * one_copy + 100 * 2**20
+    assert pool.sharing()["probe-weights"].startswith("shared from template pid")
+
+
+@pytest.mark.parametrize("share", ["on", "off"])
+async def test_four_first_prompts_load_the_model_once_at_a_time(monkeypatch, tmp_path, share):
+    log = tmp_path / "loads.log"
+    monkeypatch.setenv("PROBE_LOAD_LOG", str(log))
+    monkeypatch.setenv("PROBE_LOAD_SECONDS", "0.3")
+    monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "2")
+    monkeypatch.setenv("LLM_ASYNC_POOL_SHARE", share)
+    monkeypatch.setenv("LLM_ASYNC_POOL_IDLE_TIMEOUT", "413")
+    texts = await asyncio.gather(*(weights().prompt(str(i)).text() for i in range(4)))
+    assert all(t.startswith("loaded in") for t in texts)
+    loads = [json.loads(line) for line in log.read_text().splitlines()]
+    if share == "on":
+        assert len(loads) == 1  # in the template; the workers inherit it
+    else:  # one per worker, and the second starts only after the first ended
+        assert len(loads) == 2
+        first, second = sorted(loads, key=lambda load: load[1])
+        assert second[1] >= first[2]
+
+
+async def test_thread_mode_loads_each_instance_once_and_the_first_alone(monkeypatch, tmp_path):
+    log = tmp_path / "loads.log"
+    monkeypatch.setenv("PROBE_LOAD_LOG", str(log))
+    monkeypatch.setenv("PROBE_LOAD_SECONDS", "0.3")
+    monkeypatch.setenv("LLM_ASYNC_POOL", "thread")
+    monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "2")
+    await asyncio.gather(*(weights().prompt(str(i), pause=0.1).text() for i in range(4)))
+    await asyncio.gather(*(weights().prompt(str(i)).text() for i in range(4)))
+    loads = sorted((json.loads(line) for line in log.read_text().splitlines()), key=lambda x: x[1])
+    assert len(loads) == 2  # two instances (two threads), each loaded once
+    assert loads[1][1] >= loads[0][2]  # the second only after the first had loaded
+
+
+@pytest.mark.parametrize("share", ["on", "off"])
+async def test_a_slow_first_load_gets_the_load_allowance(monkeypatch, share):
+    monkeypatch.setenv("PROBE_LOAD_SECONDS", "1.5")
+    monkeypatch.setenv("LLM_ASYNC_POOL_TIMEOUT", "0.5")
+    monkeypatch.setenv("LLM_ASYNC_POOL_LOAD_TIMEOUT", "20")
+    monkeypatch.setenv("LLM_ASYNC_POOL_SHARE", share)
+    monkeypatch.setenv("LLM_ASYNC_POOL_IDLE_TIMEOUT", "414")
+    text = await asyncio.wait_for(weights().prompt("x").text(), 30)
+    assert text.startswith("loaded in")
+
+
+@pytest.mark.parametrize("share", ["on", "off"])
+async def test_a_load_past_its_allowance_times_out(monkeypatch, share):
+    monkeypatch.setenv("PROBE_LOAD_SECONDS", "3")
+    monkeypatch.setenv("LLM_ASYNC_POOL_LOAD_TIMEOUT", "0.5")
+    monkeypatch.setenv("LLM_ASYNC_POOL_SHARE", share)
+    monkeypatch.setenv("LLM_ASYNC_POOL_IDLE_TIMEOUT", "415")
+    started = time.monotonic()
+    with pytest.raises(PromptTimeout) as info:
+        await asyncio.wait_for(weights().prompt("x").text(), 30)
+    assert time.monotonic() - started < 2.5
+    assert "LLM_ASYNC_POOL_LOAD_TIMEOUT=0.5" in str(info.value)
+
+
+async def test_a_cancel_during_a_cold_load_keeps_the_loaded_worker(monkeypatch, tmp_path):
+    log = tmp_path / "loads.log"
+    monkeypatch.setenv("PROBE_LOAD_LOG", str(log))
+    monkeypatch.setenv("PROBE_LOAD_SECONDS", "0.6")
+    monkeypatch.setenv("LLM_ASYNC_POOL_SHARE", "off")
+    monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "1")
+    monkeypatch.setenv("LLM_ASYNC_POOL_GRACE", "0.1")
+    monkeypatch.setenv("LLM_ASYNC_POOL_IDLE_TIMEOUT", "416")
+    task = asyncio.ensure_future(weights().prompt("x").text())
+    await asyncio.sleep(0.3)  # loading now
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.6)  # past the grace period: a plain kill would have hit
+    text = await asyncio.wait_for(weights().prompt("y").text(), 10)
+    (load,) = [json.loads(line) for line in log.read_text().splitlines()]
+    assert text == f"loaded in {load[0]} "  # the same worker, loaded once
