@@ -98,8 +98,9 @@ def main(boot: Boot, sock: socket.socket) -> None:
     _fork_loop(boot, sock, worker)
 
 
-def _warm_up(worker: Worker, sock: socket.socket) -> tuple[str | None, int]:
-    """Load the model as its plugin does; returns its key and our thread count."""
+def _warm_up(worker: Worker, sock: socket.socket) -> tuple[str, int]:
+    """Load the model as its plugin does; returns a problem (or "") and our
+    thread count."""
     while True:
         frame = channel.read_frame(worker.jobs)
         if frame is None:
@@ -107,8 +108,8 @@ def _warm_up(worker: Worker, sock: socket.socket) -> tuple[str | None, int]:
         job = pickle.loads(frame[2])
         try:
             model = worker.model(job)
-        except BaseException:
-            return None, threads.threads_now()
+        except BaseException as error:
+            return f"{type(error).__name__}: {error}", threads.threads_now()
         if model is not None:
             break
         _send(sock, NeedModel(job.seq))
@@ -116,7 +117,7 @@ def _warm_up(worker: Worker, sock: socket.socket) -> tuple[str | None, int]:
     control = Control(local_cells())
     run_job(job, model, _StopAtFirstChunk(control, job.seq), control)
     gc.collect()
-    return job.model_key, threads.threads_now()
+    return "", threads.threads_now()
 
 
 def _raise_threads(boot: Boot) -> None:

@@ -263,6 +263,61 @@ THREAD_KNOBS = (
 )
 
 
+class NotReentrant(llm.Model):
+    """Like a llama.cpp context: two prompts at once on one instance break it."""
+
+    model_id = "probe-not-reentrant"
+
+    def __init__(self):
+        self.inside = 0  # a plain int, so the model pickles
+
+    def execute(self, prompt, stream, response, conversation):
+        self.inside += 1
+        try:
+            if self.inside > 1:
+                raise RuntimeError("GGML_ASSERT: two prompts entered one context at once")
+            time.sleep(0.05)
+            yield f"{id(self)}"
+        finally:
+            self.inside -= 1
+
+
+class ProbeHttp(llm.KeyModel):
+    """An API-backed model: one HTTP request per prompt ($PROBE_HTTP_URL)."""
+
+    model_id = "probe-http"
+    needs_key = "probe-http"
+    key_env_var = "PROBE_HTTP_KEY"
+
+    def execute(self, prompt, stream, response, conversation, key):
+        import urllib.request
+
+        request = urllib.request.Request(
+            os.environ["PROBE_HTTP_URL"], headers={"Authorization": f"Bearer {key}"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            yield reply.read().decode()
+
+
+class Mapped(llm.Model):
+    """Maps a file ($PROBE_MAPPED_FILE) and reads every page, as llama.cpp maps a GGUF."""
+
+    model_id = "probe-mapped"
+
+    def __init__(self):
+        self.mapping = None
+
+    def execute(self, prompt, stream, response, conversation):
+        import mmap
+
+        if self.mapping is None:
+            with open(os.environ["PROBE_MAPPED_FILE"], "rb") as f:
+                self.mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        total = sum(self.mapping[i] for i in range(0, len(self.mapping), 4096))
+        time.sleep(0.2)
+        yield str(total)
+
+
 class ProbeKey(llm.KeyModel):
     model_id = "probe-key"
     needs_key = "probe-key"
@@ -307,4 +362,7 @@ def register_models(register):
     register(ProbeKey())
     register(Plain())
     register(Weights())
+    register(NotReentrant())
+    register(ProbeHttp())
+    register(Mapped())
     register(NativeSync(), NativeAsync())

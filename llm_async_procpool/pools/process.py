@@ -370,15 +370,17 @@ class ProcessPool(Pool):
         self._send_warm_up(template, with_model=False)
 
     def _send_warm_up(self, template: Template, with_model: bool) -> None:
-        model = template.model
-        prompt = llm.Prompt("hello", model, options=model.Options())
-        job = encode_job(model, prompt, True, None, None)
-        job.seq = 1  # any seq but 0, which fresh stop cells hold
-        if with_model:
-            job.model_blob = cloudpickle.dumps(model)
+        """Send the warm-up job; a model that cannot be sent ends the candidate
+        (its sentinel then settles the books, and workers load for themselves)."""
         try:
+            model = template.model
+            prompt = llm.Prompt("hello", model, options=model.Options())
+            job = encode_job(model, prompt, True, None, None)
+            job.seq = 1  # any seq but 0, which fresh stop cells hold
+            if with_model:
+                job.model_blob = cloudpickle.dumps(model)
             channel.write_frame(template.pipes.jobs, job.seq, channel.JOB, channel.dumps(job))
-        except (OSError, Exception):
+        except Exception:
             template.handle.kill()
 
     def _fork(self, template: Template) -> None:
@@ -458,10 +460,8 @@ class ProcessPool(Pool):
             return
         except OSError:
             data, fds = b"", []
-        if not data:
+        if not data:  # it closed its end: it died, or it serves as a worker now
             self._close_template(template)
-            if not template.ready:  # it could not load the model: it serves as a worker
-                self._candidate_becomes_worker(template, "the model did not load in the template")
             return
         reply = pickle.loads(data)
         if isinstance(reply, NeedModel):
@@ -502,8 +502,8 @@ class ProcessPool(Pool):
         self._add_slot(template.handle, pipes.jobs, pipes.events, template.index, {template.key})
 
     def _close_template(self, template: Template) -> None:
-        """Close its socket once unwatched (it then exits); only once: its fd
-        number may be reused right after."""
+        """Close our end of its socket once unwatched (a template then exits).
+        Only once: its fd number may be reused right after."""
         if not template.closing:
             template.closing = True
             self._reactor.unwatch(template.sock, template.link.close)
