@@ -94,6 +94,26 @@ class BigModel(_Bench):
         GilBound.step(work)
 
 
+class Blas(_Bench):
+    """numpy matrix products, as a torch or llama.cpp layer does them: BLAS runs
+    them on its own thread pool, with the GIL released. The weights load lazily."""
+
+    model_id = "bench-blas"
+
+    def __init__(self):
+        self.weights = None
+
+    def step(self, work):
+        import numpy
+
+        if self.weights is None:
+            rng = numpy.random.default_rng(0)
+            self.weights = rng.standard_normal((512, 512), dtype=numpy.float32) / 23
+            self.state = rng.standard_normal((512, 64), dtype=numpy.float32)
+        for _ in range(max(1, work // 2_000)):
+            self.state = numpy.tanh(self.weights @ self.state)
+
+
 class GilPlain(llm.Model):
     """The GIL-bound workload with no options, so llm-all-models-async (which
     never copies a model's Options) can run it too."""
@@ -113,7 +133,7 @@ class Soak(GilBound):
     model_id = "soak"
 
 
-MODELS = (GilBound, GilPlain, NativeRelease, Sleeper, Blast, BigModel, Soak)
+MODELS = (GilBound, GilPlain, NativeRelease, Sleeper, Blast, BigModel, Blas, Soak)
 
 
 @llm.hookimpl

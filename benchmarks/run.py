@@ -67,11 +67,11 @@ async def _blast(kind: str, tokens: int) -> float:
         settings = config.load()
         model = llm.get_model("bench-blast")
         prompt = model.prompt("b", tokens=tokens, work=0).prompt
-        job = encode_job(model.model_id, prompt, True, None, None)
-        run = await get_pool(settings.pool).submit(model, job, None, settings.grace)
+        job = encode_job(model, prompt, True, None, None)
+        run = await get_pool(settings.pool_for(model)).submit(model, job, settings)
         while type(event := await run.next()) is Chunks:
             count += len(event.items)
-            run.take(len(event.items))
+            run.take(len(event.items), event.nbytes)
         run.finished()
     else:
         model = llm.get_async_model("bench-blast")

@@ -20,6 +20,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import random
 import statistics
 import sys
 import time
@@ -30,12 +31,14 @@ from typing import Any
 import cloudpickle
 import llm
 
+from . import threads
 from .cli import CONTENDERS
 from .pools import live_pools, shutdown_pools
 from .pools.base import memory
 
-COLORS = dict(zip(CONTENDERS, ("C0", "C1", "C2", "C4", "C3"), strict=True))
+COLORS = dict(zip(CONTENDERS, ("C0", "C1", "C2", "C5", "C4", "C3", "C6"), strict=True))
 HEARTBEAT = 0.001  # seconds the event-loop heartbeat sleeps
+SETTLE = 0.3  # seconds between two contenders' samples
 
 
 @dataclass
@@ -46,6 +49,7 @@ class Sample:
     chunks: int = 0
     first_chunk: list[float] = field(default_factory=list)
     lag: list[float] = field(default_factory=list)
+    cpu_seconds: float = 0.0  # this process and its descendants
     error: str | None = None
 
 
@@ -54,6 +58,10 @@ class Workload:
     model_id: str
     prompt: str = "the cat sat on the mat and the dog sat on the log"
     options: dict[str, Any] = field(default_factory=dict)
+    vary: bool = False  # a different prompt each time, so no cache can skip work
+
+    def text(self) -> str:
+        return f"{self.prompt} ({random.randrange(10**9)})" if self.vary else self.prompt
 
 
 # ----------------------------------------------------------------- contenders
@@ -63,7 +71,7 @@ def _run_serial(model: llm.Model, workload: Workload, count: int) -> Sample:
     for _ in range(count):
         begun = time.perf_counter()
         first = True
-        for _chunk in model.prompt(workload.prompt, **workload.options):
+        for _chunk in model.prompt(workload.text(), **workload.options):
             if first:
                 sample.first_chunk.append(time.perf_counter() - begun)
                 first = False
@@ -85,7 +93,7 @@ async def _run_async(model: llm.AsyncModel, workload: Workload, count: int, name
     async def one():
         begun = time.perf_counter()
         first = True
-        async for _chunk in model.prompt(workload.prompt, **workload.options):
+        async for _chunk in model.prompt(workload.text(), **workload.options):
             if first:
                 sample.first_chunk.append(time.perf_counter() - begun)
                 first = False
@@ -102,14 +110,17 @@ async def _run_async(model: llm.AsyncModel, workload: Workload, count: int, name
     return sample
 
 
-def _ceiling_init(model_id: str, blob: bytes) -> None:
+def _ceiling_init(model_id: str, blob: bytes, share: int) -> None:
+    """A ceiling worker: the same thread share as a pool worker, then the model."""
     global _ceiling_model
+    os.environ.update(threads.environment(dict(os.environ), share))
+    threads.limit(share)  # for libraries imported with this module, before the knobs
     found = {m.model.model_id: m.model for m in llm.get_models_with_aliases() if m.model}
     _ceiling_model = found.get(model_id) or cloudpickle.loads(blob)
 
 
 def _ceiling_run(workload: Workload) -> int:
-    return sum(1 for _ in _ceiling_model.prompt(workload.prompt, **workload.options))
+    return sum(1 for _ in _ceiling_model.prompt(workload.text(), **workload.options))
 
 
 _ceiling_model: llm.Model | None = None  # set in ceiling pool workers only
@@ -129,7 +140,11 @@ class Contenders:
             self.ceiling = context.Pool(
                 workers,
                 initializer=_ceiling_init,
-                initargs=(self.sync_model.model_id, cloudpickle.dumps(self.sync_model)),
+                initargs=(
+                    self.sync_model.model_id,
+                    cloudpickle.dumps(self.sync_model),
+                    max(1, threads.usable_cores() // workers),
+                ),
             )
 
     def close(self) -> None:
@@ -144,10 +159,17 @@ class Contenders:
             if isinstance(self.sync_model, llm.KeyModel):
                 return old.AsyncKeyModelWrapper(self.sync_model)
             return old.AsyncModelWrapper(self.sync_model)
-        os.environ["LLM_ASYNC_POOL"] = name
+        os.environ["LLM_ASYNC_POOL"] = "process" if name == "process-1" else name
+        os.environ["LLM_ASYNC_POOL_WORKERS"] = "1" if name == "process-1" else str(self.workers)
         return llm.get_async_model(self.sync_model.model_id)
 
     def measure(self, name: str, workload: Workload, count: int) -> Sample:
+        before = cpu_seconds()
+        sample = self._measure(name, workload, count)
+        sample.cpu_seconds = cpu_seconds() - before
+        return sample
+
+    def _measure(self, name: str, workload: Workload, count: int) -> Sample:
         try:
             if name == "serial":
                 return _run_serial(self.sync_model, workload, count)
@@ -196,6 +218,7 @@ def run(
                 for name in names:
                     if progress:
                         progress(f"round {r + 1}/{rounds}: {name} x{count}")
+                    time.sleep(SETTLE)  # let the last contender's spinning BLAS threads sleep
                     samples.append(bench.measure(name, workload, count))
                     if progress:
                         progress(f"{len(samples)}/{total}")
@@ -248,6 +271,41 @@ def _memory() -> dict:
     return {"parent_rss_mb": (memory(os.getpid()).rss or 0) / 2**20, "workers": workers}
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and every live descendant (workers, templates)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in [os.getpid(), *_descendants(os.getpid())]:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def summarize(samples: list[Sample]) -> list[dict]:
     groups: dict[tuple[str, int], list[Sample]] = {}
     for sample in samples:
@@ -267,6 +325,8 @@ def summarize(samples: list[Sample]) -> list[dict]:
             spread=[min(rates), max(rates)],
             tokens_per_s=statistics.median(s.chunks / s.seconds for s in ok),
         )
+        if all(s.chunks for s in ok):
+            row["cpu_ms_per_token"] = statistics.median(1000 * s.cpu_seconds / s.chunks for s in ok)
         firsts = [t for s in ok for t in s.first_chunk]
         if firsts:
             row["first_chunk_ms"] = {
@@ -315,7 +375,8 @@ def table(report: dict) -> str:
     """A console table: one line per contender and concurrency."""
     head = (
         f"{'contender':<17}{'conc':>5}{'prompts/s':>11}{'spread':>15}"
-        f"{'x serial':>9}{'tokens/s':>10}{'ttfc p50/p95 ms':>18}{'lag p50/p99/max ms':>22}"
+        f"{'x serial':>9}{'tokens/s':>10}{'cpu ms/tok':>11}{'ttfc p50/p95 ms':>18}"
+        f"{'lag p50/p99/max ms':>22}"
     )
     lines = [head, "-" * len(head)]
     serial = {
@@ -334,9 +395,11 @@ def table(report: dict) -> str:
         ratio = f"{r['prompts_per_s'] / base:.2f}x" if base else "-"
         ttfc = r.get("first_chunk_ms")
         lag = r.get("loop_lag_ms")
+        cpu = r.get("cpu_ms_per_token")
         lines.append(
             f"{r['contender']:<17}{r['concurrency']:>5}{r['prompts_per_s']:>11.2f}"
             f"{r['spread'][0]:>7.2f}-{r['spread'][1]:<7.2f}{ratio:>9}{r['tokens_per_s']:>10.0f}"
+            + (f"{cpu:>11.2f}" if cpu is not None else f"{'-':>11}")
             + (f"{ttfc['p50']:>9.2f}/{ttfc['p95']:<8.2f}" if ttfc else f"{'-':>18}")
             + (f"{lag['p50']:>8.2f}/{lag['p99']:.2f}/{lag['max']:.2f}" if lag else f"{'-':>10}")
         )
@@ -349,16 +412,20 @@ def table(report: dict) -> str:
             )
     memory = report.get("memory") or {}
     if memory:
-        workers = ", ".join(f"{w['rss_mb']:.0f}" for w in memory.get("workers", []))
-        lines.append(f"RSS: parent {memory['parent_rss_mb']:.0f} MB; workers [{workers}] MB")
+        workers = ", ".join(
+            f"{w['role']} {w['rss_mb']:.0f}/{w['pss_mb']:.0f}" for w in memory.get("workers", [])
+        )
+        lines.append(
+            f"RSS/PSS MB: parent {memory['parent_rss_mb']:.0f}; pool processes [{workers}]"
+        )
     return "\n".join(lines)
 
 
 def markdown(report: dict) -> str:
     rows = [
-        "| contender | concurrency | prompts/s (median) | spread | tokens/s "
+        "| contender | concurrency | prompts/s (median) | spread | tokens/s | CPU ms/token "
         "| first chunk p50 / p95 ms | loop lag p50 / p99 / max ms |",
-        "|---|---:|---:|---|---:|---|---|",
+        "|---|---:|---:|---|---:|---:|---|---|",
     ]
     for r in sorted(
         report["results"],
@@ -366,14 +433,16 @@ def markdown(report: dict) -> str:
     ):
         if "error" in r:
             rows.append(
-                f"| {r['contender']} | {r['concurrency']} | fails | {r['error'][:60]} | | | |"
+                f"| {r['contender']} | {r['concurrency']} | fails | {r['error'][:60]} | | | | |"
             )
             continue
         ttfc = r.get("first_chunk_ms")
         lag = r.get("loop_lag_ms")
+        cpu = r.get("cpu_ms_per_token")
         rows.append(
             f"| {r['contender']} | {r['concurrency']} | {r['prompts_per_s']:.2f} | "
             f"{r['spread'][0]:.2f}-{r['spread'][1]:.2f} | {r['tokens_per_s']:.0f} | "
+            + (f"{cpu:.2f} | " if cpu is not None else "- | ")
             + (f"{ttfc['p50']:.2f} / {ttfc['p95']:.2f} | " if ttfc else "- | ")
             + (f"{lag['p50']:.2f} / {lag['p99']:.2f} / {lag['max']:.2f} |" if lag else "- |")
         )
@@ -387,6 +456,7 @@ def plot(reports: list[dict], path: str) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return False
     figure, axes = plt.subplots(len(reports), 2, figsize=(11, 3.2 * len(reports)), squeeze=False)
@@ -411,11 +481,16 @@ def plot(reports: list[dict], path: str) -> bool:
                 )
         left.set_title(f"{title}: prompts/s (median)")
         right.set_title(f"{title}: event-loop lag p99 (ms)")
+        counts = sorted({r["concurrency"] for r in report["results"]})
         for axis in (left, right):
-            axis.set_xlabel("concurrency")
+            axis.set_xlabel("prompts at once")
             axis.set_xscale("log", base=2)
+            axis.set_xticks(counts, [str(c) for c in counts])  # 1 2 4 8, not 2^0 2^1
+            axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             axis.grid(True, alpha=0.3)
         right.set_yscale("log")
+        right.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        right.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         left.legend(fontsize=7)
         right.legend(fontsize=7)
     figure.tight_layout()

@@ -7,7 +7,8 @@ import json
 
 import click
 
-CONTENDERS = ("serial", "thread", "process", "all-models-async", "ceiling")
+CONTENDERS = ("serial", "thread", "process", "process-1", "all-models-async", "ceiling", "ray")
+DEFAULT_CONTENDERS = ("serial", "thread", "process", "all-models-async", "ceiling")
 
 
 def register(cli: click.Group) -> None:
@@ -77,7 +78,12 @@ def register(cli: click.Group) -> None:
     )
     @click.option("--rounds", default=3, show_default=True, type=click.IntRange(1))
     @click.option("--workers", type=click.IntRange(1), help="Pool size (default: CPU count)")
-    @click.option("--contenders", default=",".join(CONTENDERS), show_default=True)
+    @click.option(
+        "--contenders",
+        default=",".join(DEFAULT_CONTENDERS),
+        show_default=True,
+        help=f"Comma-separated, from: {', '.join(CONTENDERS)}",
+    )
     @click.option(
         "--json",
         "json_path",
@@ -154,11 +160,16 @@ def register(cli: click.Group) -> None:
             )
             click.echo(bench.table(report))
         bench.save(reports, json_path, markdown_path)
-        if plot_path and not bench.plot(reports, plot_path):
-            click.echo(
-                "No plot: install matplotlib (pip install 'llm-async-procpool[plot]')",
-                err=True,
-            )
+        for kind, path in (("JSON", json_path), ("Markdown", markdown_path)):
+            if path:
+                click.echo(f"Wrote {kind} results to {path}")
+        if plot_path:
+            if bench.plot(reports, plot_path):
+                click.echo(f"Wrote the plot to {plot_path}")
+            else:
+                click.echo(
+                    "No plot: matplotlib is not installed (pip install matplotlib)", err=True
+                )
 
 
 def render(report: dict) -> str:

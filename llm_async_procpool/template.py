@@ -35,6 +35,7 @@ import selectors
 import signal
 import socket
 import struct
+import sys
 from dataclasses import replace
 from typing import Any
 
@@ -64,6 +65,14 @@ class _StopAtFirstChunk:
 
     def sent(self) -> tuple[int, int]:
         return self.count, 0
+
+
+class _One:
+    """The warm-up's thread budget: one thread, for whatever the model loads."""
+
+    def adjust(self) -> None:
+        if any(name in sys.modules for name in threads.NATIVE):
+            threads.limit(1)
 
 
 def main(boot: Boot, sock: socket.socket) -> None:
@@ -115,7 +124,7 @@ def _warm_up(worker: Worker, sock: socket.socket) -> tuple[str, int]:
         _send(sock, NeedModel(job.seq))
     job.model_blob = None
     control = Control(local_cells())
-    run_job(job, model, _StopAtFirstChunk(control, job.seq), control)
+    run_job(job, model, _StopAtFirstChunk(control, job.seq), control, _One())
     gc.collect()
     return "", threads.threads_now()
 

@@ -5,7 +5,7 @@ import json
 from click.testing import CliRunner
 from llm.cli import cli
 
-from llm_async_procpool.bench import CONTENDERS
+from llm_async_procpool.cli import DEFAULT_CONTENDERS as CONTENDERS
 
 
 def test_bench_command_on_a_tiny_configuration(tmp_path):
@@ -35,6 +35,8 @@ def test_bench_command_on_a_tiny_configuration(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "probe {'chunks': 3}, 2 workers, 1 rounds" in result.output
+    assert f"Wrote JSON results to {json_path}" in result.output
+    assert f"Wrote Markdown results to {md_path}" in result.output
     (report,) = json.loads(json_path.read_text())
     assert report["workload"]["options"] == {"chunks": 3}
     rows = {(r["contender"], r["concurrency"]): r for r in report["results"]}

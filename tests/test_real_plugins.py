@@ -27,7 +27,7 @@ async def test_no_two_prompts_ever_share_a_model_instance(monkeypatch, kind):
 
 
 class SlowApi(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 - the stdlib's name
+    def do_GET(self):
         time.sleep(0.5)
         body = self.headers.get("Authorization", "").encode()
         self.send_response(200)

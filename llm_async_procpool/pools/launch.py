@@ -15,6 +15,7 @@ its pipes), its exit code, and a kill that cannot hit a recycled pid.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import pickle
@@ -26,7 +27,7 @@ import threading
 from multiprocessing.connection import Connection
 from typing import Any
 
-from .. import template, worker
+from .. import template, threads, worker
 from ..messages import NeedModel, Warmed
 from ..template import STATUS
 
@@ -154,10 +155,37 @@ def start(target: Any, boot: worker.Boot, extra: tuple, pipes: Pipes, name: str)
     boot.inherited = ctx.get_start_method() == "fork"
     process = ctx.Process(target=target, args=(boot, *extra), name=name, daemon=False)
     try:
-        process.start()
+        with _single_threaded_forkserver(ctx):
+            process.start()
     finally:
         pipes.close_child_ends()
     return ProcessHandle(process)
+
+
+_START_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _single_threaded_forkserver(ctx: multiprocessing.context.BaseContext):
+    """Start the forkserver, if this start does, with native thread pools held
+    to one thread: it imports the main module (and through it, say, numpy)
+    before anything of ours runs, and every process is forked from it."""
+    from multiprocessing import forkserver
+
+    if ctx.get_start_method() != "forkserver" or forkserver._forkserver._forkserver_pid:
+        yield
+        return
+    with _START_LOCK:
+        saved = {name: os.environ.get(name) for name in (*threads.KNOBS, "OMP_WAIT_POLICY")}
+        os.environ.update(threads.environment(dict(os.environ), 1))
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def start_worker(boot: worker.Boot, pipes: Pipes) -> ProcessHandle:

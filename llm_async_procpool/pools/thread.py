@@ -19,6 +19,7 @@ import asyncio
 import itertools
 import os
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -84,6 +85,7 @@ class ThreadPool(Pool):
         self._served = 0
         self._models: dict[str, _Instances] = {}
         self._seqs = itertools.count(1)
+        self._last_used = time.monotonic()
 
     async def submit(self, model: llm.Model, job: Job, settings: Settings) -> Run:
         job.seq = next(self._seqs)
@@ -153,6 +155,7 @@ class ThreadPool(Pool):
             with self._lock:
                 del self._running[job.seq]
                 self._served += 1
+                self._last_used = time.monotonic()
                 state.free.append(instance)
                 if not loaded[0]:
                     state.loading = False
@@ -194,8 +197,10 @@ class ThreadPool(Pool):
             ]
 
     def idle(self) -> bool:
+        """Nothing to do, and its loaded instances unused for the idle timeout."""
         with self._lock:
-            return not self._jobs and not self._running
+            unused = time.monotonic() - self._last_used >= self.settings.idle_timeout
+            return not self._jobs and not self._running and (unused or not self._models)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Stop running prompts; queued ones fail with PoolClosed."""
