@@ -42,7 +42,7 @@ from typing import Any
 from . import channel, threads
 from .messages import Control, NeedModel, Warmed, local_cells
 from .runner import run_job
-from .worker import Boot, Worker, die_with_parent, prepare, watch_parent
+from .worker import Boot, Worker, close_inherited_fds, die_with_parent, prepare, watch_parent
 
 STATUS = struct.Struct("<i")
 MESSAGE_SIZE = 1 << 16
@@ -78,32 +78,31 @@ class _One:
 def main(boot: Boot, sock: socket.socket) -> None:
     """Entry point of a template candidate started by multiprocessing."""
     prepare(boot, 1)
+    threads.limit(1)  # pools of libraries the forkserver or the app had already loaded
     worker = Worker(boot)
-    model_key, threads_left = _warm_up(worker, sock)
-    if model_key is None:  # could not load: serve as a worker; jobs get the error
-        sock.close()
-        watch_parent(boot.parent)
-        worker.serve()
-        return
-    shareable = threads_left == 1
-    reason = (
-        ""
-        if shareable
-        else (
-            f"loading it left {threads_left - 1} more thread(s) running (a torch, OpenMP or "
-            "plugin thread pool), and forking would copy their memory without them"
+    if boot.inherited:  # forked from the app: let go of its files and sockets
+        close_inherited_fds({worker.jobs, worker.out.fd, sock.fileno()})
+    problem, threads_left = _warm_up(worker, sock)
+    shareable = not problem and threads_left == 1
+    if problem:
+        reason = f"it did not load in the template ({problem})"
+    elif not shareable:
+        reason = (
+            f"loading it left {threads_left - 1} more thread(s) running (a torch, OpenMP "
+            "or plugin thread pool), and forking would copy their memory without them"
         )
-    )
+    else:
+        reason = ""
     _send(sock, Warmed(shareable, reason, threads_left))
-    if not shareable:
+    if not shareable:  # serve as an ordinary worker (its jobs get any load error)
         sock.close()
         _raise_threads(boot)
         watch_parent(boot.parent)
         worker.serve()
         return
     os.close(worker.jobs)
-    os.close(worker.out._fd)
-    gc.freeze()
+    os.close(worker.out.fd)
+    gc.freeze()  # the collector would touch, and so copy, every shared object
     _fork_loop(boot, sock, worker)
 
 

@@ -10,6 +10,7 @@ job ends with exactly one terminal event.
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import pickle
 import signal
@@ -72,7 +73,7 @@ class Outbox:
     """
 
     def __init__(self, fd: int):
-        self._fd = fd
+        self.fd = fd
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._batch: list[Any] = []
@@ -163,7 +164,7 @@ class Outbox:
 
     def _write(self, seq: int, kind: int, payload: bytes) -> int:
         try:
-            return channel.write_frame(self._fd, seq, kind, payload)
+            return channel.write_frame(self.fd, seq, kind, payload)
         except OSError:  # the parent closed the pipe: nobody is left to serve
             os._exit(0)
 
@@ -431,8 +432,32 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def close_inherited_fds(keep: set[int]) -> None:
+    """Close every fd a process forked from the app inherited but does not use:
+    the app's sockets, files and pipes (a pipe to one of its subprocesses, held
+    open here, would keep that subprocess from ever seeing end of file).
+
+    ``gc.freeze()`` first: the app's objects stay alive, never collected, so
+    none of them closes a number that is reused by then.
+    """
+    gc.freeze()
+    try:
+        open_fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return
+    for fd in open_fds:
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 def main(boot: Boot) -> None:
     """Entry point of a worker process started by multiprocessing."""
     prepare(boot, boot.threads)
     watch_parent(boot.parent)
-    Worker(boot).serve()
+    worker = Worker(boot)
+    if boot.inherited:  # forked from the app: let go of its files and sockets
+        close_inherited_fds({worker.jobs, worker.out.fd})
+    worker.serve()

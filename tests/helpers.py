@@ -1,10 +1,28 @@
 """Helpers shared by the tests: processes, files and the live pools."""
 
+import inspect
 import json
 import os
 import time
 
+import llm
+import pytest
+
 from llm_async_procpool import live_pools
+
+#: llm 0.32 brought messages, stream events, hide_reasoning, options={...},
+#: Response.to_dict() and the "turns" log table; 0.30 and 0.31 have none.
+MODERN_LLM = "messages" in inspect.signature(llm.Prompt.__init__).parameters
+needs_modern_llm = pytest.mark.skipif(
+    not MODERN_LLM,
+    reason="llm before 0.32 has no messages, stream events, hide_reasoning or options={}",
+)
+
+
+def log_table(db):
+    """Where llm logs a response: "turns" (llm 0.32 and later) or "responses"."""
+    names = {row[0] for row in db.execute("select name from sqlite_master where type='table'")}
+    return "turns" if "turns" in names else "responses"
 
 
 def pid_alive(pid):

@@ -110,7 +110,7 @@ class Probe(llm.Model):
                 [m.role, " ".join(p.text for p in m.parts if getattr(p, "text", None))]
                 for m in getattr(prompt, "messages", [])
             ],
-            "loaded": len(conversation.loaded_messages or []) if conversation else 0,
+            "loaded": len(getattr(conversation, "loaded_messages", None) or []),
         }
         response.set_usage(
             input=len(prompt.prompt.split()),

@@ -67,7 +67,7 @@ def test_twin_mirrors_the_sync_model(model_id):
         "needs_key",
         "key_env_var",
     ):
-        assert getattr(twin, name) == getattr(sync, name), name
+        assert getattr(twin, name, None) == getattr(sync, name, None), name
 
 
 def test_options_are_validated_in_the_parent():

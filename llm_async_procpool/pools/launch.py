@@ -59,7 +59,11 @@ class ProcessHandle(Handle):
     def __init__(self, process: multiprocessing.process.BaseProcess):
         self.process = process
         self.pid = process.pid
-        self.sentinel = process.sentinel
+        # A pidfd where there is one: it fires when the process ends, whatever
+        # became of the pipe behind multiprocessing's own sentinel (a process
+        # forked from the app closes the fds it inherited, that pipe among them).
+        self.pidfd = os.pidfd_open(process.pid) if hasattr(os, "pidfd_open") else -1
+        self.sentinel = self.pidfd if self.pidfd >= 0 else process.sentinel
 
     def exit_code(self, timeout: float = 1.0) -> int | None:
         self.process.join(timeout)
@@ -72,6 +76,9 @@ class ProcessHandle(Handle):
             pass
 
     def close(self) -> None:
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
         try:
             self.process.close()
         except ValueError:  # still running: it is being killed
@@ -129,18 +136,35 @@ class Pipes:
         self.child_events.close()
 
 
-def single_threaded() -> bool:
-    """Is it safe to fork this process right now? Native threads count too."""
+def fork_safe() -> bool:
+    """Is it safe to fork this process right now?
+
+    Only if no other thread could hold a lock the child would inherit: this
+    process has one thread, native ones included, apart from OpenBLAS's own
+    worker threads (numpy's BLAS starts them at import), which OpenBLAS stops
+    before a fork and starts again after it.
+    """
     if threading.active_count() != 1:
         return False
+    extra = threads.threads_now() - 1
+    return extra == 0 or extra <= _openblas_threads()
+
+
+def _openblas_threads() -> int:
     try:
-        return len(os.listdir("/proc/self/task")) == 1
-    except OSError:
-        return False
+        from threadpoolctl import threadpool_info
+
+        return sum(
+            info["num_threads"] - 1
+            for info in threadpool_info()
+            if info.get("internal_api") == "openblas" and info.get("threading_layer") == "pthreads"
+        )
+    except Exception:
+        return 0
 
 
 def context() -> multiprocessing.context.BaseContext:
-    if CAN_SHARE and single_threaded():
+    if CAN_SHARE and fork_safe():
         return multiprocessing.get_context("fork")
     ctx = multiprocessing.get_context(START_METHOD)
     if START_METHOD == "forkserver":

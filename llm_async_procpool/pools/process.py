@@ -327,7 +327,7 @@ class ProcessPool(Pool):
         which is both safe and fast; the reactor starts only after that.
         """
         if self._reactor is None and function in (self._start_worker, self._start_template):
-            if launch.CAN_SHARE and launch.single_threaded():
+            if launch.CAN_SHARE and launch.fork_safe():
                 function(*args)
                 return
         if self._executor is None:
