@@ -78,12 +78,13 @@ class _One:
 def main(boot: Boot, sock: socket.socket) -> None:
     """Entry point of a template candidate started by multiprocessing."""
     prepare(boot, 1)
+    openblas = threads.openblas_threads()
     threads.limit(1)  # pools of libraries the forkserver or the app had already loaded
     worker = Worker(boot)
     if boot.inherited:  # forked from the app: let go of its files and sockets
-        close_inherited_fds({worker.jobs, worker.out.fd, sock.fileno()})
+        close_inherited_fds({worker.jobs, worker.events, sock.fileno()})
     problem, threads_left = _warm_up(worker, sock)
-    shareable = not problem and threads_left == 1
+    shareable = not problem and threads.forkable(openblas)
     if problem:
         reason = f"it did not load in the template ({problem})"
     elif not shareable:
@@ -101,7 +102,7 @@ def main(boot: Boot, sock: socket.socket) -> None:
         worker.serve()
         return
     os.close(worker.jobs)
-    os.close(worker.out.fd)
+    os.close(worker.events)
     gc.freeze()  # the collector would touch, and so copy, every shared object
     _fork_loop(boot, sock, worker)
 
@@ -115,7 +116,7 @@ def _warm_up(worker: Worker, sock: socket.socket) -> tuple[str, int]:
             os._exit(0)
         job = pickle.loads(frame[2])
         try:
-            model = worker.model(job)
+            model = worker.models.get(job)
         except BaseException as error:
             return f"{type(error).__name__}: {error}", threads.threads_now()
         if model is not None:
@@ -186,10 +187,7 @@ def _child(boot: Boot, template: Worker, jobs: int, events: int, index: int) -> 
     die_with_parent()
     _raise_threads(boot)
     watch_parent(boot.parent)
-    child = replace(boot, jobs=jobs, events=events, index=index)
-    worker = Worker(child, dict(template.models))
-    worker.registry = template.registry
-    worker.serve()
+    Worker(replace(boot, jobs=jobs, events=events, index=index), template.models).serve()
 
 
 def _reap(status: dict[int, int]) -> None:

@@ -110,6 +110,33 @@ def limit(threads: int) -> None:
         pass
 
 
+def forkable(openblas: int = 0) -> bool:
+    """Could this process be forked safely, as far as native threads go?
+
+    Only if no other thread could hold a lock the child would inherit: the
+    process has one thread, apart from OpenBLAS's own worker threads (numpy's
+    BLAS starts them at import), which OpenBLAS stops before a fork and starts
+    again after it. ``openblas``: how many such threads it had before someone
+    lowered OpenBLAS's count (its threads stay, parked).
+    """
+    extra = threads_now() - 1
+    return extra == 0 or extra <= max(openblas, openblas_threads())
+
+
+def openblas_threads() -> int:
+    """OpenBLAS (pthreads build) worker threads this process may have."""
+    try:
+        from threadpoolctl import threadpool_info
+
+        return sum(
+            info["num_threads"] - 1
+            for info in threadpool_info()
+            if info.get("internal_api") == "openblas" and info.get("threading_layer") == "pthreads"
+        )
+    except Exception:
+        return 0
+
+
 def threads_now() -> int:
     """Threads of this process, native ones included (Linux), else Python's count."""
     try:

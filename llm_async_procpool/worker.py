@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,8 +73,8 @@ class Outbox:
     before it are sent, and ``error`` fails the job, naming the chunk.
     """
 
-    def __init__(self, fd: int):
-        self.fd = fd
+    def __init__(self, sink: Callable[[int, int, bytes, int], int]):
+        self._sink = sink  # sends one frame (seq, kind, payload, chunks in it); returns its size
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._batch: list[Any] = []
@@ -134,7 +135,7 @@ class Outbox:
         """Send a terminal event; whatever it holds, something readable arrives."""
         payload = _terminal_payload(event, self._model_id)
         with self._lock:
-            self._write(event.seq, KINDS[type(event)], payload)
+            self._write(event.seq, KINDS[type(event)], payload, 0)
 
     def _flush_locked(self) -> None:
         batch, self._batch = self._batch, []
@@ -144,7 +145,7 @@ class Outbox:
         except Exception:
             self._fail_batch(batch)
             return
-        self._bytes += self._write(self._seq, KINDS[Chunks], payload)
+        self._bytes += self._write(self._seq, KINDS[Chunks], payload, len(batch))
 
     def _fail_batch(self, batch: list[Any]) -> None:
         """Send the chunks before the first unpicklable one, then fail the job."""
@@ -158,15 +159,11 @@ class Outbox:
                 break
             good.append(item)
         if good:
-            self._bytes += self._write(
-                self._seq, KINDS[Chunks], channel.dumps(Chunks(self._seq, good))
-            )
+            payload = channel.dumps(Chunks(self._seq, good))
+            self._bytes += self._write(self._seq, KINDS[Chunks], payload, len(good))
 
-    def _write(self, seq: int, kind: int, payload: bytes) -> int:
-        try:
-            return channel.write_frame(self.fd, seq, kind, payload)
-        except OSError:  # the parent closed the pipe: nobody is left to serve
-            os._exit(0)
+    def _write(self, seq: int, kind: int, payload: bytes, chunks: int) -> int:
+        return self._sink(seq, kind, payload, chunks)
 
     def _flusher(self) -> None:
         with self._wake:
@@ -229,20 +226,92 @@ def _safe_text(error: Any, problem: Exception) -> str:
     return f"{text} [it could not be sent back from the worker: {type(problem).__name__}]"
 
 
-class Worker:
-    """This process's models and pipes."""
+class Models:
+    """The models this process has built, by ``Job.model_key``: each at most once,
+    from the plugin registry installed here, or sent pickled by the parent."""
 
-    def __init__(self, boot: Boot, models: dict[str, llm.Model] | None = None):
-        self.jobs = _fd(boot.jobs)
-        self.out = Outbox(_fd(boot.events))
-        self.control = Control(boot.cells, boot.index)
-        self.control.mark_started()
-        self.budget = None
-        if not threads.user_pinned(boot.environ):
-            self.budget = threads.Budget(boot.cells, boot.cores, boot.fixed_threads)
-        self.models: dict[str, llm.Model] = models or {}
+    def __init__(self, inherited: bool = False):
+        self.inherited = inherited  # forked from the app: it holds the app's own classes
+        self.built: dict[str, llm.Model] = {}
         self.registry: dict[str, llm.Model] | None = None
-        self.inherited = boot.inherited
+
+    def get(self, job: Job) -> llm.Model | None:
+        model = self.built.get(job.model_key)
+        if model is None:
+            if job.model_blob is not None:
+                model = cloudpickle.loads(job.model_blob)
+            else:
+                if self.registry is None:
+                    self.registry = registry()
+                found = self.registry.get(job.model_id)
+                if found is not None and self._same_class(found, job):
+                    model = found
+            if model is not None:
+                for key in [k for k in self.built if k.split("\0")[0] == job.model_id]:
+                    del self.built[key]  # an older version of this model id
+                self.built[job.model_key] = model
+        return model
+
+    def _same_class(self, found: llm.Model, job: Job) -> bool:
+        """Is our registry's model the parent's? A forked process holds the
+        parent's very class objects; a fresh one imported the installed code."""
+        if self.inherited:
+            return id(type(found)) == job.class_id
+        return class_name(found) == job.model_class
+
+
+class Server:
+    """Runs one job from its frame to its terminal event, whatever the model does."""
+
+    def __init__(self, models: Models, out: Outbox, control: Control, budget: Any):
+        self.models, self.out, self.control, self.budget = models, out, control, budget
+
+    def handle(self, seq: int, payload: bytes, key: str | None = None) -> None:
+        """Send exactly one of Done, Failed or NeedModel for this job; never raises.
+
+        ``key``, when given, travels apart from the pickled job (see ``pools.ray``).
+        """
+        try:
+            self._handle(seq, payload, key)
+        except BaseException as error:  # a last guard: the caller goes on serving
+            self.out.send(Failed(seq, error, None, traceback.format_exc()))
+
+    def _handle(self, seq: int, payload: bytes, key: str | None) -> None:
+        try:
+            job = pickle.loads(payload)
+            del payload
+            if key is not None:
+                job.key = key
+            model = self.models.get(job)
+        except BaseException as error:
+            text = traceback.format_exc()
+            self.out.send(Failed(seq, _not_loadable(error), None, text))
+            return
+        if model is None:
+            self.out.send(NeedModel(seq))
+            return
+        self.out.start(seq, job.model_id)
+        self.out.send(run_job(job, model, self.out, self.control, self.budget))
+
+
+class Worker(Server):
+    """A worker process: its pipes, its cells, and its serve loop."""
+
+    def __init__(self, boot: Boot, models: Models | None = None):
+        self.jobs = _fd(boot.jobs)
+        self.events = _fd(boot.events)
+        control = Control(boot.cells, boot.index)
+        control.mark_started()
+        budget = None
+        if not threads.user_pinned(boot.environ):
+            budget = threads.Budget(boot.cells, boot.cores, boot.fixed_threads)
+        super().__init__(models or Models(boot.inherited), Outbox(self._write), control, budget)
+
+    def _write(self, seq: int, kind: int, payload: bytes, _chunks: int) -> int:
+        try:
+            return channel.write_frame(self.events, seq, kind, payload)
+        except OSError:  # the parent closed the pipe: nobody is left to serve
+            os._exit(0)
 
     def serve(self) -> None:
         """Run jobs until the parent closes the job pipe."""
@@ -255,53 +324,7 @@ class Worker:
                 return
             seq, _kind, payload = frame
             del frame
-            try:
-                self._serve_one(seq, payload)
-            except BaseException as error:  # a last guard: the loop goes on
-                self.out.send(Failed(seq, error, None, traceback.format_exc()))
-
-    def _serve_one(self, seq: int, payload: bytes) -> None:
-        try:
-            job = pickle.loads(payload)
-            del payload
-            model = self.model(job)
-        except BaseException as error:
-            text = traceback.format_exc()
-            self.out.send(Failed(seq, _not_loadable(error, seq), None, text))
-            return
-        if model is None:
-            self.out.send(NeedModel(seq))
-            return
-        self.out.start(seq, job.model_id)
-        self.out.send(run_job(job, model, self.out, self.control, self.budget))
-
-    def model(self, job: Job) -> llm.Model | None:
-        """The model for this job, built at most once in this process."""
-        model = self.models.get(job.model_key)
-        if model is None:
-            if job.model_blob is not None:
-                model = cloudpickle.loads(job.model_blob)
-            else:
-                found = self._registry().get(job.model_id)
-                if found is not None and self._same_class(found, job):
-                    model = found
-            if model is not None:
-                for key in [k for k in self.models if k.split("\0")[0] == job.model_id]:
-                    del self.models[key]  # an older version of this model id
-                self.models[job.model_key] = model
-        return model
-
-    def _same_class(self, found: llm.Model, job: Job) -> bool:
-        """Is our registry's model the parent's? A forked worker holds the
-        parent's very class objects; a fresh one imported the installed code."""
-        if self.inherited:
-            return id(type(found)) == job.class_id
-        return class_name(found) == job.model_class
-
-    def _registry(self) -> dict[str, llm.Model]:
-        if self.registry is None:
-            self.registry = registry()
-        return self.registry
+            self.handle(seq, payload)
 
 
 def class_name(model: Any) -> str:
@@ -333,7 +356,7 @@ def registry() -> dict[str, llm.Model]:
     return found
 
 
-def _not_loadable(error: BaseException, seq: int) -> BaseException:
+def _not_loadable(error: BaseException) -> BaseException:
     if isinstance(error, (ImportError, AttributeError)) and not isinstance(error, ModelNotLoadable):
         return ModelNotLoadable(
             f"The worker process could not load the model: {type(error).__name__}: {error}. "
@@ -459,5 +482,5 @@ def main(boot: Boot) -> None:
     watch_parent(boot.parent)
     worker = Worker(boot)
     if boot.inherited:  # forked from the app: let go of its files and sockets
-        close_inherited_fds({worker.jobs, worker.out.fd})
+        close_inherited_fds({worker.jobs, worker.events})
     worker.serve()

@@ -35,3 +35,46 @@ def pool_kind(request, monkeypatch):
 
 def pytest_sessionfinish(session):
     shutdown_pools()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """A two-node Ray cluster on this machine (1 CPU each), started once.
+
+    Loopback only: these settings keep every Ray process on 127.0.0.1 and off
+    cloud metadata services (see the README's Ray section)."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip("Ray is not installed (pip install -e '.[ray]')")
+    home = tmp_path_factory.mktemp("ray-home")
+    (home / "ray_bootstrap_config.yaml").write_text("{}")
+    os.environ.update(
+        RAY_AUTH_MODE="disabled",
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_USAGE_STATS_ENABLED="0",
+        # a cluster not started by ray.init() reports "disabled" to ray.io: not here
+        RAY_USAGE_STATS_REPORT_URL="http://127.0.0.1:9/",
+        HOME=str(home),  # holds ray_bootstrap_config.yaml: no cloud metadata probe
+        # Ray workers import the test models pickled by reference
+        PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]),
+    )
+    import ray  # only now: Ray reads these settings when it is imported
+    from ray.cluster_utils import Cluster
+
+    node_args = {
+        "num_cpus": 1,
+        "object_store_memory": 100 * 2**20,
+        "node_ip_address": "127.0.0.1",
+    }
+    cluster = Cluster(
+        initialize_head=True, head_node_args={**node_args, "include_dashboard": False}
+    )
+    worker_node = cluster.add_node(**node_args)
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        yield cluster, worker_node
+    finally:
+        shutdown_pools()
+        ray.shutdown()
+        cluster.shutdown()

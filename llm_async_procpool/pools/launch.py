@@ -137,30 +137,8 @@ class Pipes:
 
 
 def fork_safe() -> bool:
-    """Is it safe to fork this process right now?
-
-    Only if no other thread could hold a lock the child would inherit: this
-    process has one thread, native ones included, apart from OpenBLAS's own
-    worker threads (numpy's BLAS starts them at import), which OpenBLAS stops
-    before a fork and starts again after it.
-    """
-    if threading.active_count() != 1:
-        return False
-    extra = threads.threads_now() - 1
-    return extra == 0 or extra <= _openblas_threads()
-
-
-def _openblas_threads() -> int:
-    try:
-        from threadpoolctl import threadpool_info
-
-        return sum(
-            info["num_threads"] - 1
-            for info in threadpool_info()
-            if info.get("internal_api") == "openblas" and info.get("threading_layer") == "pthreads"
-        )
-    except Exception:
-        return 0
+    """Is it safe to fork this process right now? (See ``threads.forkable``.)"""
+    return threading.active_count() == 1 and threads.forkable()
 
 
 def context() -> multiprocessing.context.BaseContext:

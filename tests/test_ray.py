@@ -1,0 +1,160 @@
+"""The Ray backend passes what every backend must, on a real two-node Ray
+cluster on loopback (the ray_cluster fixture), with real actors."""
+
+import asyncio
+import json
+import os
+import subprocess
+import time
+
+import llm
+import pytest
+from helpers import needs_modern_llm, wait_for_file
+
+from llm_async_procpool import PromptTimeout, RemoteError, WorkerCrashed, live_pools
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def ray_pool(ray_cluster, monkeypatch):
+    monkeypatch.setenv("LLM_ASYNC_POOL", "ray")
+    monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "2")
+    return ray_cluster
+
+
+def probe():
+    return llm.get_async_model("probe")
+
+
+def the_pool():
+    (pool,) = [p for p in live_pools() if p.kind == "ray"]
+    return pool
+
+
+def test_every_ray_node_listens_on_loopback(ray_cluster):
+    import ray
+
+    nodes = ray.nodes()
+    assert len(nodes) == 2
+    assert {n["NodeManagerAddress"] for n in nodes} == {"127.0.0.1"}
+
+
+async def test_options_streaming_usage_and_state(ray_pool):
+    response = (
+        probe().prompt("one two three", chunks=200, options_marker=None)
+        if False
+        else (probe().prompt("one two three", chunks=200))
+    )
+    chunks = [chunk async for chunk in response]
+    assert chunks == [f"{i} " for i in range(200)]
+    seen = await response.json()
+    assert seen["options"] == {"chunks": 200}
+    assert seen["pid"] != os.getpid()
+    usage = await response.usage()
+    assert (usage.input, usage.output) == (3, 200)
+    assert response.resolved_model == "probe-resolved-1"
+
+
+@needs_modern_llm
+async def test_stream_events(ray_pool):
+    response = probe().prompt("x", chunks=2, reasoning=True)
+    events = [(e.type, e.chunk) async for e in response.astream_events()]
+    assert events[0] == ("reasoning", "thinking hard")
+
+
+async def test_conversation_and_markov(ray_pool):
+    conversation = probe().conversation()
+    assert await conversation.prompt("first", chunks=1).text() == "0 "
+    seen = await conversation.prompt("second", chunks=1).json()
+    assert [h["prompt"] for h in seen["history"]] == ["first"]
+    text = (
+        await llm.get_async_model("markov")
+        .prompt("the cat sat on the mat", length=4, delay=0)
+        .text()
+    )
+    assert len(text.split()) == 4
+
+
+async def test_errors_keep_their_class_picklable_or_not(ray_pool):
+    import openai
+    from plugin_models import Unpicklable
+
+    with pytest.raises(ValueError, match="probe failed on purpose"):
+        await probe().prompt("x", fail="value").text()
+    with pytest.raises(Unpicklable):
+        await probe().prompt("x", fail="unpicklable").text()
+    with pytest.raises(openai.AuthenticationError) as info:
+        await probe().prompt("x", fail="openai").text()
+    assert info.value.status_code == 401
+    with pytest.raises(RemoteError):
+        await probe().prompt("x", fail="local").text()
+
+
+async def test_a_cancel_runs_the_models_finally_within_100ms(ray_pool, tmp_path):
+    marker = tmp_path / "finally.json"
+    response = probe().prompt("x", chunks=10_000, delay=0.01, marker=str(marker))
+    iterator = response.__aiter__()
+    await iterator.__anext__()
+    task = asyncio.ensure_future(response.text())
+    await asyncio.sleep(0.1)
+    cancelled = time.time()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    report = await asyncio.to_thread(wait_for_file, marker)
+    assert report["at"] - cancelled < 0.1, f"{(report['at'] - cancelled) * 1000:.0f} ms"
+    assert await probe().prompt("y", chunks=2).text() == "0 1 "
+
+
+async def test_timeout(ray_pool, monkeypatch):
+    assert await probe().prompt("warm", chunks=1).text() == "0 "
+    monkeypatch.setenv("LLM_ASYNC_POOL_TIMEOUT", "0.5")
+    with pytest.raises(PromptTimeout):
+        await probe().prompt("x", chunks=1000, delay=0.01).text()
+    assert await probe().prompt("y", chunks=1).text() == "0 "
+
+
+async def test_a_killed_actor_fails_its_prompt_and_the_next_succeeds(ray_pool):
+    with pytest.raises(WorkerCrashed) as info:
+        await probe().prompt("x", chunks=10, delay=0.01, fail="kill", fail_after=3).text()
+    assert "on node" in str(info.value)
+    texts = await asyncio.gather(*(probe().prompt(str(i), chunks=2).text() for i in range(3)))
+    assert texts == ["0 1 "] * 3
+
+
+async def test_prompts_run_on_both_nodes(ray_pool):
+    responses = [probe().prompt(str(i), chunks=5, delay=0.05) for i in range(4)]
+    await asyncio.gather(*(r.text() for r in responses))
+    pids = {(await r.json())["pid"] for r in responses}
+    nodes = {w.node for w in the_pool().workers() if w.pid in pids}
+    assert len(nodes) == 2
+
+
+async def test_keys_reach_the_model_and_stay_out_of_rays_logs(ray_pool, monkeypatch):
+    import ray
+
+    monkeypatch.setenv("LLM_ASYNC_POOL_MODELS", '{"probe-key": "ray"}')
+    secret = "sk-ray-secret-0123456789"
+    model = llm.get_async_model("probe-key")
+    assert await model.prompt("hi", key=secret).text() == "got a key of length 24"
+    session = ray._private.worker._global_node.get_session_dir_path()
+    found = subprocess.run(["grep", "-rl", secret, session], capture_output=True, text=True)
+    assert found.stdout == ""
+
+
+async def test_removing_a_node_mid_prompt_gives_worker_crashed(ray_pool):
+    cluster, worker_node = ray_pool
+    await asyncio.gather(*(probe().prompt(str(i), chunks=1).text() for i in range(2)))
+    pool = the_pool()
+    remote = [w for w in pool.workers() if w.node == worker_node.node_id]
+    assert remote, "no actor on the node to remove"
+    responses = [probe().prompt(str(i), chunks=200, delay=0.02) for i in range(2)]
+    tasks = [asyncio.ensure_future(r.text()) for r in responses]
+    await asyncio.sleep(1.0)
+    await asyncio.to_thread(cluster.remove_node, worker_node)
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert any(isinstance(r, WorkerCrashed) for r in results), results
+    texts = await asyncio.gather(*(probe().prompt(str(i), chunks=2).text() for i in range(3)))
+    assert texts == ["0 1 "] * 3
+    assert json.dumps([w.node for w in pool.workers()]).count(worker_node.node_id) == 0
