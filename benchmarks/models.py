@@ -133,7 +133,24 @@ class Soak(GilBound):
     model_id = "soak"
 
 
-MODELS = (GilBound, GilPlain, NativeRelease, Sleeper, Blast, BigModel, Blas, Soak)
+class Marked(llm.Model):
+    """Yields every millisecond and writes the time its ``finally`` ran to the
+    file named by the prompt: the cancel-latency probe."""
+
+    model_id = "bench-marked"
+    can_stream = True
+
+    def execute(self, prompt, stream, response, conversation):
+        try:
+            for i in range(100_000):
+                time.sleep(0.001)
+                yield f"{i} "
+        finally:
+            with open(prompt.prompt, "w") as out:
+                out.write(repr(time.time()))
+
+
+MODELS = (GilBound, GilPlain, NativeRelease, Sleeper, Blast, BigModel, Blas, Soak, Marked)
 
 
 @llm.hookimpl
