@@ -38,11 +38,18 @@ def dumps(value: Any) -> bytes:
 
 def write_frame(fd: int, seq: int, kind: int, payload: bytes) -> int:
     """Write one whole frame (blocking); returns its size."""
-    header = HEADER.pack(len(payload), seq, kind)
-    total = len(header) + len(payload)
-    written = os.writev(fd, [header, payload])
-    if written < total:  # a pipe takes a big frame in parts
-        rest = memoryview(header + payload)[written:]
+    return write_frames(fd, [(seq, kind, payload, 0)])
+
+
+def write_frames(fd: int, frames: list[tuple[int, int, bytes, int]]) -> int:
+    """Write frames in one system call where the pipe takes them (blocking)."""
+    parts: list[bytes] = []
+    for seq, kind, payload, _chunks in frames:
+        parts += (HEADER.pack(len(payload), seq, kind), payload)
+    total = sum(map(len, parts))
+    written = os.writev(fd, parts)
+    if written < total:  # a pipe takes big frames in parts
+        rest = memoryview(b"".join(parts))[written:]
         while rest:
             rest = rest[os.write(fd, rest) :]
     return total

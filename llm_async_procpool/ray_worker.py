@@ -60,9 +60,10 @@ class RayWorker:
         context = ray.get_runtime_context()
         return {"node": context.get_node_id(), "pid": os.getpid()}
 
-    def _put(self, seq: int, kind: int, payload: bytes, chunks: int) -> int:
-        self._frames.put((seq, kind, payload, chunks))
-        return len(payload)
+    def _put(self, frames: list[tuple[int, int, bytes, int]]) -> int:
+        for frame in frames:
+            self._frames.put(frame)
+        return sum(len(frame[2]) for frame in frames)
 
     def run(self, seq: int, payload: bytes, key: str | None):
         """Yield lists of (seq, kind, payload) frames until the job's terminal one."""

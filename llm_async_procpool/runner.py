@@ -24,7 +24,7 @@ class Out(Protocol):
     error: BaseException | None
 
     def put(self, chunk: Any) -> None: ...
-    def flush(self) -> None: ...
+    def flush(self, last: bool = False) -> None: ...
     def sent(self) -> tuple[int, int]: ...
 
 
@@ -52,7 +52,7 @@ def run_job(
         while True:
             if control.cancelled(seq):
                 _close(generator)
-                out.flush()
+                out.flush(last=True)
                 return Done(seq, capture_state(response), cancelled=True)
             if out.error is not None:
                 raise out.error
@@ -67,14 +67,14 @@ def run_job(
             except StopIteration:
                 break
             out.put(chunk)
-        out.flush()
+        out.flush(last=True)  # it leaves with Done, in one write
         if out.error is not None:
             raise out.error
         return Done(seq, capture_state(response))
     except BaseException as error:  # the model's exception goes to the consumer
         _close(generator)
         try:
-            out.flush()
+            out.flush(last=True)
         except BaseException:
             pass
         text = traceback.format_exc()

@@ -60,7 +60,7 @@ class _StopAtFirstChunk:
         self.count += 1
         self.control.cancel(self.seq)
 
-    def flush(self) -> None:
+    def flush(self, last: bool = False) -> None:
         pass
 
     def sent(self) -> tuple[int, int]:

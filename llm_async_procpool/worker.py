@@ -61,6 +61,10 @@ class Boot:
     inherited: bool = False  # forked from the app: it holds the app's own classes
 
 
+#: A frame on its way out: (seq, kind, pickled payload, how many chunks it carries).
+Frame = tuple[int, int, bytes, int]
+
+
 class Outbox:
     """Batches a fast stream's chunks so it costs one pipe write per batch.
 
@@ -73,8 +77,9 @@ class Outbox:
     before it are sent, and ``error`` fails the job, naming the chunk.
     """
 
-    def __init__(self, sink: Callable[[int, int, bytes, int], int]):
-        self._sink = sink  # sends one frame (seq, kind, payload, chunks in it); returns its size
+    def __init__(self, sink: Callable[[list[Frame]], int]):
+        self._sink = sink  # sends frames (seq, kind, payload, chunks in it); returns their size
+        self._held: list[Frame] = []  # the last batch, to leave with the terminal event
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._batch: list[Any] = []
@@ -126,18 +131,22 @@ class Outbox:
                 self._flush_locked()
             self._last_put = now
 
-    def flush(self) -> None:
+    def flush(self, last: bool = False) -> None:
+        """Send the batch now; or, when it is the job's ``last``, pickle it now (so
+        a chunk that cannot be sent is known) and send it with the terminal event."""
         with self._lock:
             if self._batch:
-                self._flush_locked()
+                self._flush_locked(hold=last)
 
     def send(self, event: Done | Failed | NeedModel) -> None:
-        """Send a terminal event; whatever it holds, something readable arrives."""
+        """Send a terminal event, in one write with the last batch; whatever the
+        event holds, something readable arrives."""
         payload = _terminal_payload(event, self._model_id)
         with self._lock:
-            self._write(event.seq, KINDS[type(event)], payload, 0)
+            frames, self._held = self._held, []
+            self._sink([*frames, (event.seq, KINDS[type(event)], payload, 0)])
 
-    def _flush_locked(self) -> None:
+    def _flush_locked(self, hold: bool = False) -> None:
         batch, self._batch = self._batch, []
         self._text = 0
         try:
@@ -145,7 +154,12 @@ class Outbox:
         except Exception:
             self._fail_batch(batch)
             return
-        self._bytes += self._write(self._seq, KINDS[Chunks], payload, len(batch))
+        frame = (self._seq, KINDS[Chunks], payload, len(batch))
+        if hold:
+            self._held.append(frame)
+            self._bytes += len(payload) + channel.HEADER.size
+        else:
+            self._bytes += self._sink([frame])
 
     def _fail_batch(self, batch: list[Any]) -> None:
         """Send the chunks before the first unpicklable one, then fail the job."""
@@ -160,10 +174,7 @@ class Outbox:
             good.append(item)
         if good:
             payload = channel.dumps(Chunks(self._seq, good))
-            self._bytes += self._write(self._seq, KINDS[Chunks], payload, len(good))
-
-    def _write(self, seq: int, kind: int, payload: bytes, chunks: int) -> int:
-        return self._sink(seq, kind, payload, chunks)
+            self._bytes += self._sink([(self._seq, KINDS[Chunks], payload, len(good))])
 
     def _flusher(self) -> None:
         with self._wake:
@@ -307,9 +318,9 @@ class Worker(Server):
             budget = threads.Budget(boot.cells, boot.cores, boot.fixed_threads)
         super().__init__(models or Models(boot.inherited), Outbox(self._write), control, budget)
 
-    def _write(self, seq: int, kind: int, payload: bytes, _chunks: int) -> int:
+    def _write(self, frames: list[Frame]) -> int:
         try:
-            return channel.write_frame(self.events, seq, kind, payload)
+            return channel.write_frames(self.events, frames)
         except OSError:  # the parent closed the pipe: nobody is left to serve
             os._exit(0)
 

@@ -54,7 +54,7 @@ class _Direct:
         self._count += 1
         self._run.deliver(Chunks(self._run.seq, [chunk]))
 
-    def flush(self) -> None:
+    def flush(self, last: bool = False) -> None:
         pass
 
     def sent(self) -> tuple[int, int]:
