@@ -61,12 +61,17 @@ class Settings:
         """The pool a model runs in: its override, else the kind, where ``auto``
         runs API-backed models (those that need a key) in threads and the rest
         in worker processes."""
-        kind = dict(self.models).get(model.model_id, self.kind)
-        if kind == "auto":
-            if getattr(model, "needs_key", None):
-                return replace(self.pool, kind="thread", workers=self.api_workers)
-            kind = "process"
-        return replace(self.pool, kind=kind)
+        return _pool_for(self, model.model_id, bool(getattr(model, "needs_key", None)))
+
+
+@functools.lru_cache(maxsize=256)
+def _pool_for(settings: Settings, model_id: str, needs_key: bool) -> PoolSettings:
+    kind = dict(settings.models).get(model_id, settings.kind)
+    if kind == "auto":
+        if needs_key:
+            return replace(settings.pool, kind="thread", workers=settings.api_workers)
+        kind = "process"
+    return replace(settings.pool, kind=kind)
 
 
 NAMES = (
@@ -87,12 +92,26 @@ NAMES = (
     "RAY_ADDRESS",
     "LLM_ASYNC_POOL_RAY_GPUS",
 )
+_RAW_NAMES = tuple(os.fsencode(name) for name in NAMES)
 
 
 def load(environ: Mapping[str, str] | None = None) -> Settings:
-    """Read and validate every ``LLM_ASYNC_POOL*`` variable (parsed once per value)."""
-    env = os.environ if environ is None else environ
-    return _parse(tuple(env.get(name, "") for name in NAMES))
+    """Read and validate every ``LLM_ASYNC_POOL*`` variable (parsed once per value).
+
+    Runs for every prompt: on POSIX it reads the environment's raw bytes, which
+    skips a str round trip per variable.
+    """
+    if environ is None:
+        raw = getattr(os.environ, "_data", None)
+        if os.name == "posix" and isinstance(raw, dict):
+            return _parse_raw(tuple(raw.get(key, b"") for key in _RAW_NAMES))
+        environ = os.environ
+    return _parse(tuple(environ.get(name, "") for name in NAMES))
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_raw(raw: tuple[bytes, ...]) -> Settings:
+    return _parse(tuple(os.fsdecode(value) for value in raw))
 
 
 @functools.lru_cache(maxsize=64)

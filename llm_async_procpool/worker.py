@@ -37,6 +37,8 @@ MAX_HOLD = 0.002
 MAX_BATCH = 1024
 #: Chunks closer together than this, in seconds, are a fast stream: batch them.
 FAST_GAP = 0.0002
+#: Seconds after the last chunk that the flusher keeps checking without being woken.
+FLUSHER_AWAKE = 0.05
 #: A batch of text this long goes at once (and so counts against the bytes window).
 MAX_BATCH_TEXT = 1 << 16
 #: Seconds between checks that the parent is still alive (the fallback lifeline).
@@ -92,6 +94,7 @@ class Outbox:
         self._text = 0  # characters of str chunks in the batch
         self.error: BaseException | None = None
         self._flusher_running = False  # started on first need: a template forks threadless
+        self._flusher_asleep = False
 
     def start(self, seq: int, model_id: str) -> None:
         with self._lock:
@@ -122,7 +125,8 @@ class Outbox:
                         threading.Thread(
                             target=self._flusher, name="outbox-flusher", daemon=True
                         ).start()
-                    self._wake.notify()
+                    elif self._flusher_asleep:
+                        self._wake.notify()
             elif (
                 now - self._first >= MAX_HOLD / 2
                 or len(batch) >= MAX_BATCH
@@ -177,17 +181,25 @@ class Outbox:
             self._bytes += self._sink([(self._seq, KINDS[Chunks], payload, len(good))])
 
     def _flusher(self) -> None:
+        """Flush a batch the model left waiting. While chunks keep coming it
+        checks every ``MAX_HOLD``, so ``put`` need not wake it for each batch;
+        after a quiet spell it sleeps until ``put`` wakes it."""
         with self._wake:
             while True:
                 try:
-                    if not self._batch:
-                        self._wake.wait()
-                        continue
-                    due = self._first + MAX_HOLD - time.perf_counter()
-                    if due > 0:
-                        self._wake.wait(due)
+                    now = time.perf_counter()
+                    if self._batch:
+                        due = self._first + MAX_HOLD - now
+                        if due > 0:
+                            self._wake.wait(due)
+                        else:
+                            self._flush_locked()
+                    elif now - self._last_put < FLUSHER_AWAKE:
+                        self._wake.wait(MAX_HOLD)
                     else:
-                        self._flush_locked()
+                        self._flusher_asleep = True
+                        self._wake.wait()
+                        self._flusher_asleep = False
                 except Exception as error:  # never die: the next batch needs us
                     self.error = self.error or error
 
