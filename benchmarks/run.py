@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     show = bench.progress_bar()
     reports = []
     for workload in workloads:
-        report = bench.run(workload, counts, rounds, args.workers, bench.CONTENDERS, show)
+        report = bench.run(workload, counts, rounds, args.workers, bench.DEFAULT_CONTENDERS, show)
         reports.append(report)
         print(f"\n{workload.model_id} {workload.options}, {args.workers} workers, {rounds} rounds:")
         print(bench.table(report))

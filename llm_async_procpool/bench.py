@@ -32,7 +32,7 @@ import cloudpickle
 import llm
 
 from . import threads
-from .cli import CONTENDERS
+from .cli import CONTENDERS, DEFAULT_CONTENDERS
 from .pools import live_pools, shutdown_pools
 from .pools.base import memory
 
@@ -197,7 +197,7 @@ def run(
     concurrencies: list[int],
     rounds: int = 3,
     workers: int | None = None,
-    contenders: Iterable[str] = CONTENDERS,
+    contenders: Iterable[str] = DEFAULT_CONTENDERS,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Measure every contender at every concurrency, interleaved, ``rounds`` times."""

@@ -36,7 +36,8 @@ MAX_HOLD = 0.002
 #: Largest batch of chunks in one pipe write.
 MAX_BATCH = 1024
 #: Chunks closer together than this, in seconds, are a fast stream: batch them.
-FAST_GAP = 0.0002
+#: (A job's first chunk always goes at once.)
+FAST_GAP = 0.001
 #: Seconds after the last chunk that the flusher keeps checking without being woken.
 FLUSHER_AWAKE = 0.05
 #: A batch of text this long goes at once (and so counts against the bytes window).
@@ -100,6 +101,7 @@ class Outbox:
         with self._lock:
             self._seq, self._model_id = seq, model_id
             self._chunks = self._bytes = 0
+            self._last_put = 0.0  # a job's first chunk always goes at once
             self.error = None
 
     def sent(self) -> tuple[int, int]:

@@ -160,3 +160,33 @@ async def test_a_cancel_during_a_cold_load_keeps_the_loaded_worker(monkeypatch, 
     text = await asyncio.wait_for(weights().prompt("y").text(), 10)
     (load,) = [json.loads(line) for line in log.read_text().splitlines()]
     assert text == f"loaded in {load[0]} "  # the same worker, loaded once
+
+
+async def test_the_default_pool_size_keeps_half_the_memory_free(monkeypatch):
+    """With LLM_ASYNC_POOL_WORKERS unset, a second worker starts only if, after
+    it, half the machine's memory stays available, judged by what a loaded
+    worker needed. Here the machine claims to be nearly full."""
+    from llm_async_procpool.pools import process
+
+    monkeypatch.delenv("LLM_ASYNC_POOL_WORKERS")
+    monkeypatch.setenv("LLM_ASYNC_POOL_SHARE", "off")  # a worker that loads for itself
+    monkeypatch.setenv("LLM_ASYNC_POOL_IDLE_TIMEOUT", "417")
+    first = await weights().prompt("first").text()
+    pool = process_pool(idle_timeout=417)
+    deadline = time.monotonic() + 10
+    while not pool._worker_cost:  # measured once the worker has loaded
+        assert time.monotonic() < deadline, "the loaded worker's memory was not measured"
+        await asyncio.sleep(0.05)
+    monkeypatch.setattr(process, "available_memory", lambda: 2**20)
+    texts = await asyncio.gather(*(weights().prompt(str(i), pause=0.1).text() for i in range(4)))
+    assert set(texts) == {first}  # all on the one worker: no room for a second
+    assert len(worker_pids(pool)) == 1
+    monkeypatch.setattr(process, "available_memory", lambda: 2**50)
+    seen = set()
+    deadline = time.monotonic() + 30  # the second may need a forkserver to start first
+    while len(seen) < 2:
+        assert time.monotonic() < deadline, "no second worker although there is room"
+        texts = await asyncio.gather(
+            *(weights().prompt(str(i), pause=0.2).text() for i in range(4))
+        )
+        seen |= set(texts)

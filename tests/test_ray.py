@@ -158,3 +158,28 @@ async def test_removing_a_node_mid_prompt_gives_worker_crashed(ray_pool):
     texts = await asyncio.gather(*(probe().prompt(str(i), chunks=2).text() for i in range(3)))
     assert texts == ["0 1 "] * 3
     assert json.dumps([w.node for w in pool.workers()]).count(worker_node.node_id) == 0
+
+
+async def test_status_shows_the_cluster_its_nodes_and_each_actors_node(ray_pool):
+    from llm_async_procpool.status import status
+
+    await asyncio.gather(*(probe().prompt(str(i), chunks=2, delay=0.02).text() for i in range(2)))
+    (report,) = [p for p in status()["live_pools"] if p["pool"] == "ray"]
+    assert report["address"].startswith("127.0.0.1:")
+    assert report["nodes"] and all(n.startswith("127.0.0.1 ") for n in report["nodes"])
+    placed = [w for w in report["workers"] if w["node"]]  # not those still starting
+    assert placed and all(w["pid"] for w in placed)
+    assert any("probe" in w["models"] for w in placed)
+
+
+async def test_choosing_ray_without_ray_says_how_to_install_it(monkeypatch):
+    import sys
+
+    from llm_async_procpool import PoolConfigError
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if it were not installed
+    monkeypatch.setenv("LLM_ASYNC_POOL", "ray")
+    monkeypatch.setenv("LLM_ASYNC_POOL_IDLE_TIMEOUT", "421")  # not the live Ray pool
+    with pytest.raises(PoolConfigError) as info:
+        await probe().prompt("x").text()
+    assert "pip install 'llm-async-procpool[ray]'" in str(info.value)

@@ -256,6 +256,10 @@ class ProcessPool(Pool):
             item.requested = True
             self._fork(template)
             return None
+        fresh = next((slot for slot in self._idle if not slot.models), None)
+        if fresh is not None:  # a worker started for no model yet: this one
+            self._idle.remove(fresh)
+            return fresh
         if self._room():
             self._live += 1
             item.requested = True
