@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import queue
-import sys
 import threading
 from typing import Any
 
@@ -30,19 +29,6 @@ HEARTBEAT = 0.05
 LAST = TERMINAL_KINDS | {KINDS[NeedModel]}
 
 
-class _Fixed:
-    """An actor's thread budget: the CPUs Ray gave it, no more."""
-
-    def __init__(self, count: int):
-        self.count, self.applied = count, 0
-
-    def adjust(self) -> None:
-        loaded = sum(1 for name in threads.NATIVE if name in sys.modules)
-        if loaded != self.applied:
-            self.applied = loaded
-            threads.limit(self.count)
-
-
 class RayWorker:
     def __init__(self, environ: dict[str, str], count: int):
         os.environ.update(threads.environment(environ, count))
@@ -51,7 +37,8 @@ class RayWorker:
         self._frames: queue.SimpleQueue = queue.SimpleQueue()
         self._control = Control(local_cells())
         out = Outbox(self._put)
-        self._server = Server(Models(), out, self._control, _Fixed(count))
+        budget = threads.Budget(self._control.cells, count, count)  # Ray gave it `count` CPUs
+        self._server = Server(Models(), out, self._control, budget)
         self._lock = threading.Lock()
 
     def describe(self) -> dict[str, Any]:

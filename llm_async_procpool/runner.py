@@ -49,6 +49,7 @@ def run_job(
         else:
             generator = model.execute(prompt, job.stream, response, conversation)
         chunks = iter(generator)
+        sent, taken = out.sent, control.taken
         while True:
             if control.cancelled(seq):
                 _close(generator)
@@ -56,7 +57,9 @@ def run_job(
                 return Done(seq, capture_state(response), cancelled=True)
             if out.error is not None:
                 raise out.error
-            if _ahead(out, control, 1):
+            sent_chunks, sent_bytes = sent()
+            taken_chunks, taken_bytes = taken()
+            if sent_chunks - taken_chunks >= WINDOW or sent_bytes - taken_bytes >= WINDOW_BYTES:
                 out.flush()
                 _wait_for_window(out, control, seq)
                 continue

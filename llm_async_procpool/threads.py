@@ -68,27 +68,28 @@ def patch_cpu_count(threads: int) -> None:
 
 
 class Budget:
-    """Resizes native thread pools between chunks, when the share changes."""
+    """Resizes native thread pools between chunks, when the share changes.
+
+    ``adjust`` runs before every chunk, so its usual path is two comparisons:
+    the busy count, and how many modules are loaded (a new native library).
+    """
 
     def __init__(self, cells: Any, cores: int, fixed: int | None):
         self.cells = cells
         self.cores = cores
         self.fixed = fixed
-        self.current: int | None = None
-        self.native_seen = 0
-
-    def share(self) -> int:
-        if self.fixed is not None:
-            return self.fixed
-        return max(1, self.cores // max(1, self.cells[BUSY]))
+        self.busy = -1
+        self.modules = -1
+        self.current = 0
 
     def adjust(self) -> None:
-        share = self.share()
-        seen = sum(1 for name in NATIVE if name in sys.modules)
-        if share == self.current and seen == self.native_seen:
+        busy = self.cells[BUSY]
+        if busy == self.busy and len(sys.modules) == self.modules:
             return
-        self.current, self.native_seen = share, seen
-        if seen:
+        self.busy, self.modules = busy, len(sys.modules)
+        share = self.fixed if self.fixed is not None else max(1, self.cores // max(1, busy))
+        if share != self.current and any(name in sys.modules for name in NATIVE):
+            self.current = share
             limit(share)
 
 
