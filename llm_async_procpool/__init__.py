@@ -9,9 +9,11 @@ Module map, following a prompt:
 - ``channel``     how those values travel on a pipe (frames)
 - ``pools``       the registry of live pools: ``process``, ``thread`` and ``ray``;
   ``pools.launch`` starts processes, ``pools.reactor`` watches them,
+  ``pools.templates`` forks workers from a loaded model,
   ``pools.run`` is a prompt in flight, as its consumer reads it
 - ``runner``      the job runner every backend shares
-- ``worker``      what runs in a worker process; ``template`` loads a model once
+- ``worker``      what runs in a worker process; ``outbox`` sends its events
+  back; ``ray_worker`` is the same in a Ray actor; ``template`` loads a model once
   and forks workers that share it; ``threads`` sizes native thread pools;
   ``_forkserver`` warms the forkserver up
 - ``status``, ``bench``, ``cli``   ``llm async-pool status`` and ``llm async-pool bench``

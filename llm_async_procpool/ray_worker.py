@@ -18,7 +18,8 @@ from typing import Any
 
 from . import threads
 from .messages import KINDS, TERMINAL_KINDS, Control, NeedModel, local_cells
-from .worker import Models, Outbox, Server
+from .outbox import Outbox
+from .worker import Models, Server
 
 #: Most frames in one yield.
 MAX_FRAMES = 256

@@ -23,7 +23,7 @@ from llm_async_procpool import (
     live_pools,
 )
 from llm_async_procpool.messages import WINDOW
-from llm_async_procpool.worker import MAX_BATCH
+from llm_async_procpool.outbox import MAX_BATCH
 
 
 def probe():

@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -257,3 +258,41 @@ def _preload_forkserver(ctx: multiprocessing.context.BaseContext) -> None:
     current = list(getattr(forkserver._forkserver, "_preload_modules", ["__main__"]))
     if PRELOAD not in current:
         ctx.set_forkserver_preload([*current, PRELOAD])
+
+
+def wait_all(handles: list[Handle], deadline: float) -> None:
+    """Wait until every process has exited, or the deadline passes."""
+    pending = [h.sentinel for h in handles if h.sentinel is not None and h.sentinel >= 0]
+    while pending:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        try:
+            ready, _, _ = select.select(pending, [], [], left)
+        except (OSError, ValueError):
+            return
+        pending = [fd for fd in pending if fd not in ready]
+
+
+def abandon(handle: Handle, *closers: Any) -> None:
+    """Kill a process started after shutdown, and let go of its ends."""
+    handle.kill()
+    for close in closers:
+        try:
+            close() if callable(close) else os.close(close)
+        except OSError:
+            pass
+    handle.exit_code(1.0)
+
+
+def describe_exit(code: int | None) -> str:
+    """An exit code in words, for a crash report."""
+    if code is None:
+        return "stopped responding"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name} (exit code {code})"
+    return f"exited with code {code}"

@@ -12,8 +12,8 @@ to any idle worker. A model's first load happens once: while it is under way,
 other prompts for that model wait for it instead of loading it elsewhere
 (so weights are downloaded once, and memory never holds N half-loaded
 copies). Where it is safe, that first load happens in a template process
-(``template.py``) and every worker for the model is forked from it, sharing
-its memory.
+(``templates.py`` here, ``template.py`` in that process) and every worker for
+the model is forked from it, sharing its memory.
 
 One reactor thread (``reactor.py``) reads every event pipe and watches every
 process's sentinel, so a death is noticed from the process itself even if a
@@ -30,9 +30,6 @@ import itertools
 import multiprocessing
 import os
 import pickle
-import select
-import signal
-import socket
 import threading
 import time
 from collections import deque
@@ -45,7 +42,7 @@ import llm
 
 from .. import channel, threads
 from ..config import MAX_WORKERS, Settings
-from ..errors import PoolClosed, PromptNotSendable, PromptTimeout, RemoteError, WorkerCrashed
+from ..errors import PoolClosed, PromptNotSendable, RemoteError, WorkerCrashed
 from ..messages import (
     BUSY,
     CELLS,
@@ -58,14 +55,14 @@ from ..messages import (
     Failed,
     Job,
     NeedModel,
-    Warmed,
 )
-from ..wire import dumps_job, encode_job, rebuild_error
+from ..wire import dumps_job, rebuild_error
 from ..worker import Boot
 from . import launch
-from .base import Memory, Pool, WorkerInfo, available_memory, memory
+from .base import Memory, Pool, WorkerInfo, available_memory, memory, total_memory
 from .reactor import Reactor
 from .run import Dispatched, Run
+from .templates import Template, TemplateHost
 
 STARTUP_HINT = (
     " It died while starting, before any of its own code ran: see its traceback on"
@@ -148,28 +145,7 @@ class Slot:
             pass
 
 
-class Template:
-    """A template candidate while it warms up, then a template that forks workers."""
-
-    def __init__(
-        self, key: str, model: llm.Model, link: launch.TemplateLink, pipes: launch.Pipes, index: int
-    ):
-        self.key = key
-        self.model = model
-        self.link = link
-        self.sock = link.sock.fileno()  # kept: a closed socket forgets its fd
-        self.handle = link.handle
-        self.pipes = pipes
-        self.index = index
-        self.ready = False
-        self.closing = False
-        self.deadline: float | None = None
-        self.waiting: deque[tuple[launch.Pipes, int]] = deque()  # fork requests
-        self.children = 0
-        self.idle_since = time.monotonic()
-
-
-class ProcessPool(Pool):
+class ProcessPool(TemplateHost, Pool):
     kind = "process"
 
     def __init__(self, settings):
@@ -280,7 +256,7 @@ class ProcessPool(Pool):
             return False
         if self._live == 0 or not self._worker_cost:
             return True
-        free, total = available_memory(), _total_memory()
+        free, total = available_memory(), total_memory()
         return free is None or not total or free - self._worker_cost >= KEEP_FREE * total
 
     def _can_share(self, model: llm.Model, state: ModelState) -> bool:
@@ -348,61 +324,6 @@ class ProcessPool(Pool):
             return
         self._add_slot(handle, pipes.jobs, pipes.events, index)
 
-    def _start_template(self, item: Pending) -> None:
-        key = item.job.model_key
-        index = self._take_index()
-        try:
-            pipes = launch.Pipes()
-            link = launch.TemplateLink(self._boot(index), pipes)
-        except BaseException as error:
-            with self._lock:
-                self._models[key].loading = None
-            self._start_failed(index, error)
-            return
-        template = Template(key, item.model, link, pipes, index)
-        load_timeout = item.settings.load_timeout
-        template.deadline = None if load_timeout is None else time.monotonic() + load_timeout
-        with self._lock:
-            if not self.closed:
-                self._templates.add(template)
-                self._models[key].loading = template
-                if self._reactor is not None:
-                    self._watch_template(template)
-        if self.closed:  # shut down while it started: it must not outlive us
-            _abandon(link.handle, link.close, pipes.jobs, pipes.events)
-            return
-        self._send_warm_up(template, with_model=False)
-
-    def _send_warm_up(self, template: Template, with_model: bool) -> None:
-        """Send the warm-up job; a model that cannot be sent ends the candidate
-        (its sentinel then settles the books, and workers load for themselves)."""
-        try:
-            model = template.model
-            prompt = llm.Prompt("hello", model, options=model.Options())
-            job = encode_job(model, prompt, True, None, None)
-            job.seq = 1  # any seq but 0, which fresh stop cells hold
-            if with_model:
-                job.model_blob = cloudpickle.dumps(model)
-            channel.write_frame(template.pipes.jobs, job.seq, channel.JOB, channel.dumps(job))
-        except Exception:
-            template.handle.kill()
-
-    def _fork(self, template: Template) -> None:
-        """Ask a template for one more worker (lock held); it answers on its socket."""
-        index = self._take_index()
-        pipes = launch.Pipes()
-        template.waiting.append((pipes, index))
-        try:
-            socket.send_fds(
-                template.link.sock,
-                [pickle.dumps(("fork", index))],
-                [pipes.child_jobs.fileno(), pipes.child_events.fileno()],
-            )
-        except OSError:
-            pass  # the template is dying: its sentinel will settle the books
-        finally:
-            pipes.close_child_ends()
-
     def _take_index(self) -> int:
         with self._lock:
             index = self._indexes.pop()
@@ -450,93 +371,6 @@ class ProcessPool(Pool):
     def _watch(self, slot: Slot) -> None:
         self._reactor.watch(slot.events, lambda: self._on_events(slot))
         self._reactor.watch(slot.handle.sentinel, lambda: self._on_exit(slot))
-
-    def _watch_template(self, template: Template) -> None:
-        self._reactor.watch(template.sock, lambda: self._on_template(template))
-        self._reactor.watch(template.handle.sentinel, lambda: self._on_template_exit(template))
-
-    # ------------------------------------------------------------ templates
-    def _on_template(self, template: Template) -> None:
-        """A reply from a template: NeedModel, Warmed, or a forked worker."""
-        try:
-            data, fds, _flags, _address = socket.recv_fds(template.link.sock, 1 << 16, 1)
-        except BlockingIOError:
-            return
-        except OSError:
-            data, fds = b"", []
-        if not data:  # it closed its end: it died, or it serves as a worker now
-            self._close_template(template)
-            return
-        reply = pickle.loads(data)
-        if isinstance(reply, NeedModel):
-            self._later(self._send_warm_up, template, True)
-        elif isinstance(reply, Warmed):
-            if reply.shareable:
-                self._template_ready(template)
-            else:
-                self._candidate_becomes_worker(template, reply.reason)
-        else:  # ("forked", pid), with the read end of its status pipe
-            _, pid = reply
-            with self._lock:
-                pipes, index = template.waiting.popleft()
-                template.children += 1
-            handle = launch.ForkedHandle(pid, fds[0])
-            self._add_slot(handle, pipes.jobs, pipes.events, index, {template.key}, template)
-
-    def _template_ready(self, template: Template) -> None:
-        with self._lock:
-            template.ready = True
-            template.deadline = None
-            state = self._models[template.key]
-            state.template, state.loading, state.warm, state.shareable = template, None, True, True
-            os.close(template.pipes.jobs)  # the template serves no jobs itself
-            self._reactor.unwatch(template.pipes.events, lambda: os.close(template.pipes.events))
-            self._indexes.append(template.index)
-            self._fork(template)  # with the room the candidate held
-            self._dispatch()
-
-    def _candidate_becomes_worker(self, template: Template, reason: str) -> None:
-        with self._lock:
-            self._templates.discard(template)
-            self._reactor.unwatch(template.handle.sentinel)
-            state = self._models[template.key]
-            state.loading, state.warm, state.shareable, state.reason = None, True, False, reason
-        self._close_template(template)
-        pipes = template.pipes
-        self._add_slot(template.handle, pipes.jobs, pipes.events, template.index, {template.key})
-
-    def _close_template(self, template: Template) -> None:
-        """Close our end of its socket once unwatched (a template then exits).
-        Only once: its fd number may be reused right after."""
-        if not template.closing:
-            template.closing = True
-            self._reactor.unwatch(template.sock, template.link.close)
-
-    def _on_template_exit(self, template: Template) -> None:
-        self._close_template(template)
-        self._reactor.unwatch(template.handle.sentinel, template.handle.close)
-        with self._lock:
-            self._templates.discard(template)
-            state = self._models.get(template.key)
-            if state is not None and state.template is template:
-                state.template, state.warm = None, False
-            if not template.ready:  # died while loading: workers will load for themselves
-                if state is not None:
-                    state.loading, state.shareable = None, False
-                    state.reason = "the template process died while loading the model"
-                self._live -= 1
-                self._indexes.append(template.index)
-                os.close(template.pipes.jobs)
-                self._reactor.unwatch(
-                    template.pipes.events, lambda: os.close(template.pipes.events)
-                )
-            for pipes, index in template.waiting:  # forks it will never answer
-                self._live -= 1
-                self._indexes.append(index)
-                os.close(pipes.jobs)
-                os.close(pipes.events)
-            template.waiting.clear()
-            self._dispatch()
 
     # ------------------------------------------------------------ coming back
     def _on_events(self, slot: Slot) -> None:
@@ -675,7 +509,7 @@ class ProcessPool(Pool):
     def _crash_error(self, slot: Slot, item: Pending, code: int | None) -> Exception:
         if self.closed:
             return PoolClosed(f"The pool shut down while model {item.job.model_id!r} ran")
-        how = describe_exit(code)
+        how = launch.describe_exit(code)
         if slot.template is not None and slot.template not in self._templates:
             how += " (its template process had ended)"
         hint = STARTUP_HINT if code and code > 0 and not slot.control.started() else ""
@@ -769,25 +603,6 @@ class ProcessPool(Pool):
             self._load_expired(template)
         return max(0.0, min(due) - now) if due else None
 
-    def _load_expired(self, template: Template) -> None:
-        """A template's warm-up took longer than the load allowance."""
-        template.handle.kill()
-        with self._lock:
-            waiting = [item for item in self._queue if item.job.model_key == template.key]
-            for item in waiting:
-                self._queue.remove(item)
-        for item in waiting:
-            seconds = item.settings.load_timeout
-            item.run.deliver(
-                Failed(
-                    item.job.seq,
-                    PromptTimeout(
-                        f"Model {item.job.model_id!r} did not finish loading within "
-                        f"LLM_ASYNC_POOL_LOAD_TIMEOUT={seconds:g} seconds"
-                    ),
-                )
-            )
-
     # ------------------------------------------------------------ inspecting
     def workers(self) -> list[WorkerInfo]:
         with self._lock:
@@ -849,10 +664,10 @@ class ProcessPool(Pool):
         grace = max((slot.item.settings.grace for slot in running if slot.item), default=0.0)
         bound = min(grace, SHUTDOWN_GRACE, max(0.0, timeout - 1.0))
         handles = [slot.handle for slot in slots] + [t.handle for t in templates]
-        _wait_all(handles, time.monotonic() + (bound if running else 1.0))
+        launch.wait_all(handles, time.monotonic() + (bound if running else 1.0))
         for handle in handles:
             handle.kill()
-        _wait_all(handles, time.monotonic() + 1.0)
+        launch.wait_all(handles, time.monotonic() + 1.0)
         for slot in running:
             item = slot.item
             if item is not None:
@@ -868,49 +683,5 @@ class ProcessPool(Pool):
             self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def _abandon(handle: launch.Handle, *closers: Any) -> None:
-    """Kill a process started after shutdown, and let go of its ends."""
-    handle.kill()
-    for close in closers:
-        try:
-            close() if callable(close) else os.close(close)
-        except OSError:
-            pass
-    handle.exit_code(1.0)
-
-
-def _wait_all(handles: list[launch.Handle], deadline: float) -> None:
-    """Wait until every process has exited, or the deadline passes."""
-    pending = [h.sentinel for h in handles if h.sentinel is not None and h.sentinel >= 0]
-    while pending:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return
-        try:
-            ready, _, _ = select.select(pending, [], [], left)
-        except (OSError, ValueError):
-            return
-        pending = [fd for fd in pending if fd not in ready]
-
-
 def _model_id(key: str) -> str:
     return key.split("\0", 1)[0]
-
-
-def _total_memory() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def describe_exit(code: int | None) -> str:
-    if code is None:
-        return "stopped responding"
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        return f"was killed by {name} (exit code {code})"
-    return f"exited with code {code}"
