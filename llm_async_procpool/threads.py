@@ -119,23 +119,41 @@ def forkable(openblas: int = 0) -> bool:
     BLAS starts them at import), which OpenBLAS stops before a fork and starts
     again after it. ``openblas``: how many such threads it had before someone
     lowered OpenBLAS's count (its threads stay, parked).
+
+    Threads are told apart only by their count, so once an OpenMP runtime is
+    loaded (torch, llama.cpp, MKL), any extra thread may be one of its pool's:
+    a child forked then hangs at its first parallel region.
     """
     extra = threads_now() - 1
-    return extra == 0 or extra <= max(openblas, openblas_threads())
+    if extra == 0:
+        return True
+    pools = _threadpools()
+    if any(info.get("user_api") == "openmp" for info in pools):
+        return False
+    return extra <= max(openblas, _openblas_threads(pools))
 
 
 def openblas_threads() -> int:
     """OpenBLAS (pthreads build) worker threads this process may have."""
+    return _openblas_threads(_threadpools())
+
+
+def _openblas_threads(pools: list[dict]) -> int:
+    return sum(
+        info["num_threads"] - 1
+        for info in pools
+        if info.get("internal_api") == "openblas" and info.get("threading_layer") == "pthreads"
+    )
+
+
+def _threadpools() -> list[dict]:
+    """The native thread pools loaded here (threadpoolctl), or none if it fails."""
     try:
         from threadpoolctl import threadpool_info
 
-        return sum(
-            info["num_threads"] - 1
-            for info in threadpool_info()
-            if info.get("internal_api") == "openblas" and info.get("threading_layer") == "pthreads"
-        )
+        return threadpool_info()
     except Exception:
-        return 0
+        return []
 
 
 def threads_now() -> int:

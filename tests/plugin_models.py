@@ -342,6 +342,24 @@ class Plain(llm.Model):
         return [prompt.prompt.upper()]
 
 
+def openmp_parallel(threads=2):
+    """Run one GNU OpenMP parallel region (of no-ops), as torch and llama.cpp do
+    per operation: it leaves the runtime's pool thread behind, as they do."""
+    import ctypes.util
+
+    gomp = ctypes.CDLL(ctypes.util.find_library("gomp"))
+    free = ctypes.cast(ctypes.CDLL(None).free, ctypes.c_void_p)  # free(NULL) does nothing
+    gomp.GOMP_parallel(free, None, threads, 0)
+
+
+class OpenMP(llm.Model):
+    model_id = "probe-openmp"
+
+    def execute(self, prompt, stream, response, conversation):
+        openmp_parallel()
+        yield f"parallel in {os.getpid()}"
+
+
 class NativeSync(llm.Model):
     model_id = "probe-native"
 
@@ -365,4 +383,5 @@ def register_models(register):
     register(NotReentrant())
     register(ProbeHttp())
     register(Mapped())
+    register(OpenMP())
     register(NativeSync(), NativeAsync())
