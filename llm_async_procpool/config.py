@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import llm
+
 from .errors import PoolConfigError
 
 KINDS = ("auto", "process", "thread", "ray")
@@ -59,16 +61,22 @@ class Settings:
 
     def pool_for(self, model: Any) -> PoolSettings:
         """The pool a model runs in: its override, else the kind, where ``auto``
-        runs API-backed models (those that need a key) in threads and the rest
-        in worker processes."""
-        return _pool_for(self, model.model_id, bool(getattr(model, "needs_key", None)))
+        runs API-backed models in threads and the rest in worker processes."""
+        return _pool_for(self, model.model_id, api_backed(model))
+
+
+def api_backed(model: Any) -> bool:
+    """Does the model wait on a network API? It takes a key: it is a ``KeyModel``
+    (an OpenAI-compatible model with its own ``api_base`` is one, although it
+    needs no key), or it declares ``needs_key``."""
+    return isinstance(model, llm.KeyModel) or bool(getattr(model, "needs_key", None))
 
 
 @functools.lru_cache(maxsize=256)
-def _pool_for(settings: Settings, model_id: str, needs_key: bool) -> PoolSettings:
+def _pool_for(settings: Settings, model_id: str, api: bool) -> PoolSettings:
     kind = dict(settings.models).get(model_id, settings.kind)
     if kind == "auto":
-        if needs_key:
+        if api:
             return replace(settings.pool, kind="thread", workers=settings.api_workers)
         kind = "process"
     return replace(settings.pool, kind=kind)

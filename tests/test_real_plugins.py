@@ -4,6 +4,7 @@ once as the app asks for, and memory figures that count shared pages once."""
 
 import asyncio
 import http.server
+import json
 import threading
 import time
 
@@ -70,8 +71,12 @@ async def test_status_counts_a_shared_file_mapping_once(monkeypatch, tmp_path):
     monkeypatch.setenv("LLM_ASYNC_POOL_SHARE", "off")
     monkeypatch.setenv("LLM_ASYNC_POOL_IDLE_TIMEOUT", "420")
     model = llm.get_async_model("probe-mapped")
-    await asyncio.gather(*(model.prompt(str(i)).text() for i in range(2)))
-    pool = process_pool(idle_timeout=420)
+    pool = None
+    deadline = time.monotonic() + 30
+    while pool is None or sum("probe-mapped" in w.models for w in pool.workers()) < 2:
+        assert time.monotonic() < deadline, "a second worker never took a prompt"
+        await asyncio.gather(*(model.prompt(str(i)).text() for i in range(2)))
+        pool = process_pool(idle_timeout=420)
     (report,) = [
         p
         for p in status()["live_pools"]
@@ -86,3 +91,53 @@ async def test_status_counts_a_shared_file_mapping_once(monkeypatch, tmp_path):
         assert memory["shared"] >= 30 * 2**20  # the file's pages, mapped by both
         assert memory["pss"] <= memory["rss"] - 14 * 2**20  # each counts half of them
     assert report["total_pss"] == sum(w["memory"]["pss"] for w in report["workers"])
+
+
+class FakeCompletions(http.server.BaseHTTPRequestHandler):
+    """OpenAI's /v1/completions, streamed, after 0.5 s."""
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        time.sleep(0.5)
+        choice = {"text": "echo " + body["prompt"], "index": 0, "finish_reason": "stop"}
+        chunk = {"id": "c", "object": "text_completion", "created": 0, "model": body["model"]}
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        event = json.dumps({**chunk, "choices": [{**choice, "logprobs": None}]})
+        self.wfile.write(f"data: {event}\n\ndata: [DONE]\n\n".encode())
+
+    def log_message(self, *args):
+        pass
+
+
+async def test_an_openai_compatible_completion_model_runs_eight_prompts_at_once(
+    monkeypatch, tmp_path
+):
+    """llm's own Completion class, configured in extra-openai-models.yaml with an
+    api_base: it needs no key, yet it waits on the network, so auto mode must not
+    cap it at one prompt per core."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeCompletions)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    (tmp_path / "extra-openai-models.yaml").write_text(
+        "- model_id: fake-instruct\n  model_name: fake\n  completion: true\n"
+        f"  api_base: http://127.0.0.1:{server.server_port}/v1\n"
+    )
+    monkeypatch.setenv("LLM_USER_PATH", str(tmp_path))
+    monkeypatch.delenv("LLM_ASYNC_POOL", raising=False)
+    monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "2")  # what a 2-core machine gets
+    try:
+        model = llm.get_async_model("fake-instruct")
+        assert await asyncio.wait_for(model.prompt("warm").text(), 30) == "echo warm"
+        started = time.monotonic()
+        assert await asyncio.wait_for(model.prompt("one").text(), 30) == "echo one"
+        single = time.monotonic() - started
+        started = time.monotonic()
+        texts = await asyncio.wait_for(
+            asyncio.gather(*(model.prompt(str(i)).text() for i in range(8))), 30
+        )
+        eight = time.monotonic() - started
+    finally:
+        server.shutdown()
+    assert texts == [f"echo {i}" for i in range(8)]
+    assert eight <= 2 * single, f"8 at once took {eight:.2f}s, one took {single:.2f}s"

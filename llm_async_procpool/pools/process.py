@@ -41,7 +41,7 @@ import cloudpickle
 import llm
 
 from .. import channel, threads
-from ..config import MAX_WORKERS, Settings
+from ..config import MAX_WORKERS, Settings, api_backed
 from ..errors import PoolClosed, PromptNotSendable, RemoteError, WorkerCrashed
 from ..messages import (
     BUSY,
@@ -263,7 +263,7 @@ class ProcessPool(TemplateHost, Pool):
         return (
             self.settings.share
             and launch.CAN_SHARE
-            and not getattr(model, "needs_key", None)
+            and not api_backed(model)  # its warm-up prompt would call the API
             and state.shareable is not False
         )
 
