@@ -81,6 +81,7 @@ class Budget:
         self.busy = -1
         self.modules = -1
         self.current = 0
+        self.native = 0  # native libraries loaded when the share was last applied
 
     def adjust(self) -> None:
         busy = self.cells[BUSY]
@@ -88,8 +89,9 @@ class Budget:
             return
         self.busy, self.modules = busy, len(sys.modules)
         share = self.fixed if self.fixed is not None else max(1, self.cores // max(1, busy))
-        if share != self.current and any(name in sys.modules for name in NATIVE):
-            self.current = share
+        native = sum(1 for name in NATIVE if name in sys.modules)
+        if native and (share != self.current or native != self.native):
+            self.current, self.native = share, native
             limit(share)
 
 

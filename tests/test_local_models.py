@@ -190,3 +190,33 @@ async def test_the_default_pool_size_keeps_half_the_memory_free(monkeypatch):
             *(weights().prompt(str(i), pause=0.2).text() for i in range(4))
         )
         seen |= set(texts)
+
+
+def test_a_native_library_imported_later_gets_the_share_too(monkeypatch):
+    """A plugin imports torch lazily, after numpy's BLAS already has its share:
+    the budget must apply the share again, though the share did not change."""
+    import sys
+    import types
+
+    from llm_async_procpool import threads
+    from llm_async_procpool.messages import BUSY
+
+    applied = []
+    monkeypatch.setattr(threads, "limit", applied.append)
+    for name in threads.NATIVE:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    cells = [0] * (BUSY + 1)
+    cells[BUSY] = 1
+    budget = threads.Budget(cells, cores=2, fixed=None)
+    budget.adjust()
+    assert applied == []  # nothing native loaded yet
+    monkeypatch.setitem(sys.modules, "numpy", types.ModuleType("numpy"))
+    budget.adjust()
+    budget.adjust()
+    assert applied == [2]
+    monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))
+    budget.adjust()
+    assert applied == [2, 2]
+    cells[BUSY] = 2
+    budget.adjust()
+    assert applied == [2, 2, 1]
