@@ -3,6 +3,9 @@
 import inspect
 import json
 import os
+import subprocess
+import sys
+import textwrap
 import time
 
 import llm
@@ -88,3 +91,30 @@ async def started(response, chunks=2):
     for _ in range(chunks):
         await iterator.__anext__()
     return iterator
+
+
+SCRIPT_HEAD = """
+import asyncio, json, os, sys, threading, time
+import llm
+import plugin_models
+
+def probe():
+    return llm.get_async_model("probe")
+"""
+
+
+def run_script(tmp_path, body, timeout=60, **environ):
+    """Run a script in a fresh interpreter, with the test models importable."""
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT_HEAD + textwrap.dedent(body))
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), *sys.path]),
+        "LLM_ASYNC_POOL_WORKERS": "2",
+        **environ,
+    }
+    started_at = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=timeout
+    )
+    return result, time.monotonic() - started_at

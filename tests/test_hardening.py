@@ -3,7 +3,6 @@ chunks, no hangs, no orphans. Real worker processes throughout; each test
 that could hang on a broken pool has its own bound."""
 
 import asyncio
-import ctypes.util
 import gc
 import json
 import os
@@ -15,7 +14,16 @@ import time
 
 import llm
 import pytest
-from helpers import descendants, pid_alive, process_pool, started, wait_for_file, worker_pids
+from helpers import (
+    SCRIPT_HEAD,
+    descendants,
+    pid_alive,
+    process_pool,
+    run_script,
+    started,
+    wait_for_file,
+    worker_pids,
+)
 
 from llm_async_procpool import (
     ModelNotLoadable,
@@ -109,32 +117,6 @@ async def test_an_unpicklable_chunk_still_batched_when_the_model_raises():
     with pytest.raises((ReplyNotSendable, ValueError)):
         await asyncio.wait_for(response.text(), 10)
     assert await probe().prompt("y", chunks=1).text() == "0 "
-
-
-SCRIPT_HEAD = """
-import asyncio, json, os, sys, threading, time
-import llm
-import plugin_models
-
-def probe():
-    return llm.get_async_model("probe")
-"""
-
-
-def run_script(tmp_path, body, timeout=60, **environ):
-    script = tmp_path / "script.py"
-    script.write_text(SCRIPT_HEAD + textwrap.dedent(body))
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), *sys.path]),
-        "LLM_ASYNC_POOL_WORKERS": "2",
-        **environ,
-    }
-    started_at = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=timeout
-    )
-    return result, time.monotonic() - started_at
 
 
 def test_a_reply_holding_a_class_from_main_arrives(tmp_path):
@@ -526,37 +508,3 @@ async def test_the_startup_hint_shows_only_for_a_start_up_death(tmp_path, monkey
 def test_remote_error_is_exported():
     assert issubclass(RemoteError, Exception) and issubclass(PoolClosed, RuntimeError)
     assert worker_pids and descendants  # helpers used across the suite
-
-
-@pytest.mark.skipif(not ctypes.util.find_library("gomp"), reason="needs GNU OpenMP (libgomp)")
-def test_an_app_with_an_openmp_pool_gets_workers_that_do_not_hang(tmp_path):
-    """An app that ran torch has OpenMP's pool thread. After any fork OpenBLAS's
-    threads are stopped but still counted, so the OpenMP thread passed for one
-    of them: the pool forked the app, and the worker hung in its first parallel
-    region, for good."""
-    result, _ = run_script(
-        tmp_path,
-        """
-        import numpy
-        from llm_async_procpool import threads
-
-        if __name__ == "__main__":
-            llm.pm.register(plugin_models, name="procpool-test-models")
-            pid = os.fork()  # OpenBLAS stops its threads until its next call
-            if pid == 0:
-                os._exit(0)
-            os.waitpid(pid, 0)
-            plugin_models.openmp_parallel()
-            print(threads.threads_now() - 1, threads.openblas_threads(), flush=True)
-            response = llm.get_async_model("probe-openmp").prompt("x")
-            print(asyncio.run(asyncio.wait_for(response.text(), 20)))
-        """,
-        timeout=90,
-    )
-    lines = result.stdout.splitlines()
-    assert lines, result.stderr[-2000:]
-    extra, openblas = map(int, lines[0].split())
-    if not 0 < extra <= openblas:
-        pytest.skip(f"no stopped OpenBLAS threads to mistake ({extra} extra, {openblas} counted)")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert lines[1].startswith("parallel in ")

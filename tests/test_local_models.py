@@ -3,13 +3,14 @@ load, and the load allowance. probe-weights loads a numpy array as its
 "weights" inside its first execute(), as local model plugins do."""
 
 import asyncio
+import ctypes.util
 import json
 import os
 import time
 
 import llm
 import pytest
-from helpers import process_pool, worker_pids
+from helpers import process_pool, run_script, worker_pids
 
 from llm_async_procpool import PromptTimeout
 from llm_async_procpool.pools.base import memory
@@ -220,3 +221,67 @@ def test_a_native_library_imported_later_gets_the_share_too(monkeypatch):
     cells[BUSY] = 2
     budget.adjust()
     assert applied == [2, 2, 1]
+
+
+@pytest.mark.skipif(not ctypes.util.find_library("gomp"), reason="needs GNU OpenMP (libgomp)")
+def test_an_app_with_an_openmp_pool_gets_workers_that_do_not_hang(tmp_path):
+    """An app that ran torch has OpenMP's pool thread. After any fork OpenBLAS's
+    threads are stopped but still counted, so the OpenMP thread passed for one
+    of them: the pool forked the app, and the worker hung in its first parallel
+    region, for good."""
+    result, _ = run_script(
+        tmp_path,
+        """
+        import numpy
+        from llm_async_procpool import threads
+
+        if __name__ == "__main__":
+            llm.pm.register(plugin_models, name="procpool-test-models")
+            pid = os.fork()  # OpenBLAS stops its threads until its next call
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
+            plugin_models.openmp_parallel()
+            print(threads.threads_now() - 1, threads.openblas_threads(), flush=True)
+            response = llm.get_async_model("probe-openmp").prompt("x")
+            print(asyncio.run(asyncio.wait_for(response.text(), 20)))
+        """,
+        timeout=90,
+    )
+    lines = result.stdout.splitlines()
+    assert lines, result.stderr[-2000:]
+    extra, openblas = map(int, lines[0].split())
+    if not 0 < extra <= openblas:
+        pytest.skip(f"no stopped OpenBLAS threads to mistake ({extra} extra, {openblas} counted)")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert lines[1].startswith("parallel in ")
+
+
+def test_preloaded_modules_are_in_every_worker_from_the_start(tmp_path):
+    """LLM_ASYNC_POOL_PRELOAD: the forkserver imports them once, so a worker it
+    forks has them before any model code runs."""
+    result, _ = run_script(
+        tmp_path,
+        """
+        class Seen(llm.Model):
+            model_id = "seen"
+
+            def execute(self, prompt, stream, response, conversation):
+                yield str(sorted(m for m in ("wave", "colorsys") if m in sys.modules))
+
+        class Plugin:
+            @llm.hookimpl
+            def register_models(self, register):
+                register(Seen())
+
+        if __name__ == "__main__":
+            llm.pm.register(Plugin(), name="seen-plugin")
+            threading.Thread(target=time.sleep, args=(30,), daemon=True).start()  # so no fork
+            response = llm.get_async_model("seen").prompt("x")
+            print(asyncio.run(asyncio.wait_for(response.text(), 30)))
+        """,
+        LLM_ASYNC_POOL_PRELOAD="wave",
+        LLM_ASYNC_POOL_SHARE="off",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "['wave']"
