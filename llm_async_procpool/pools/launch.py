@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
-import pickle
 import select
 import signal
 import socket
@@ -29,7 +28,6 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from .. import template, threads, worker
-from ..messages import NeedModel, Warmed
 from ..template import STATUS
 
 START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
@@ -196,7 +194,7 @@ def start_worker(boot: worker.Boot, pipes: Pipes) -> ProcessHandle:
 
 
 class TemplateLink:
-    """The parent's end of a template candidate: warm it up, then fork from it."""
+    """The parent's end of a template candidate; the pool's reactor reads its replies."""
 
     def __init__(self, boot: worker.Boot, pipes: Pipes):
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -205,42 +203,6 @@ class TemplateLink:
         finally:
             child_end.close()
         self.sock = parent_end
-        self.lock = threading.Lock()
-
-    def warm_up(self, send_job: Any, timeout: float | None) -> Warmed:
-        """Wait for the warm-up's verdict; ``send_job(with_model)`` (re)sends the job.
-
-        Raises ``TimeoutError`` past ``timeout`` and ``EOFError`` if the
-        candidate died or could not load the model (it then serves as a worker).
-        """
-        send_job(False)
-        self.sock.settimeout(timeout)
-        while True:
-            data = self.sock.recv(1 << 16)
-            if not data:
-                raise EOFError("the template process ended during its warm-up")
-            reply = pickle.loads(data)
-            if isinstance(reply, NeedModel):
-                send_job(True)
-                continue
-            return reply
-
-    def fork(self, index: int, pipes: Pipes, timeout: float = 10.0) -> ForkedHandle:
-        """Ask the template for a worker on ``pipes``."""
-        jobs, events = pipes.child_jobs.fileno(), pipes.child_events.fileno()
-        try:
-            with self.lock:
-                self.sock.settimeout(timeout)
-                socket.send_fds(self.sock, [pickle.dumps(("fork", index))], [jobs, events])
-                data, fds, _flags, _address = socket.recv_fds(self.sock, 1 << 16, 1)
-        finally:
-            pipes.close_child_ends()
-        if not data or not fds:
-            for fd in fds:
-                os.close(fd)
-            raise EOFError("the template process ended")
-        _, pid = pickle.loads(data)
-        return ForkedHandle(pid, fds[0])
 
     def close(self) -> None:
         """The template exits when its socket closes; its workers then follow."""

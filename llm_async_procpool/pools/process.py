@@ -25,7 +25,6 @@ event loop that submitted the prompt.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import multiprocessing
 import os
@@ -168,18 +167,14 @@ class ProcessPool(TemplateHost, Pool):
 
     # ------------------------------------------------------------ submitting
     async def submit(self, model: llm.Model, job: Job, settings: Settings) -> Run:
-        loop = asyncio.get_running_loop()
         job.seq = next(self._seqs)
         payload = dumps_job(job)  # fails here, before a worker is taken
         item = Pending(job, model, None, payload, settings)  # type: ignore[arg-type]
         item.run = Run(
-            loop,
-            job.seq,
-            job.model_id,
+            job,
+            settings,
             cancel=lambda: self._cancel(item),
             take=lambda count, nbytes: self._take(item, count, nbytes),
-            timeout=settings.timeout,
-            load_timeout=settings.load_timeout,
         )
         with self._lock:
             if self.closed:

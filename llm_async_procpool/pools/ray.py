@@ -113,7 +113,6 @@ class RayPool(Pool):
 
     # ------------------------------------------------------------ submitting
     async def submit(self, model: llm.Model, job: Job, settings: Settings) -> Run:
-        loop = asyncio.get_running_loop()
         job.seq = next(self._seqs)
         key, job.key = job.key, None
         try:
@@ -122,13 +121,10 @@ class RayPool(Pool):
             job.key = key
         item = _Item(job, model, None, payload, key, settings)  # type: ignore[arg-type]
         item.run = Run(
-            loop,
-            job.seq,
-            job.model_id,
+            job,
+            settings,
             cancel=lambda: self._cancel(item),
             take=lambda count, nbytes: None,  # Ray's own backpressure bounds the stream
-            timeout=settings.timeout,
-            load_timeout=settings.load_timeout,
         )
         with self._lock:
             if self.closed:

@@ -18,8 +18,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..config import Settings
 from ..errors import PromptTimeout
-from ..messages import Event, Failed
+from ..messages import Event, Failed, Job
 
 
 @dataclass
@@ -32,24 +33,22 @@ class Dispatched:
 class Run:
     def __init__(
         self,
-        loop: asyncio.AbstractEventLoop,
-        seq: int,
-        model_id: str,
+        job: Job,
+        settings: Settings,
         cancel: Callable[[], None],
         take: Callable[[int, int], None],
-        timeout: float | None = None,
-        load_timeout: float | None = None,
     ):
-        self.loop = loop
-        self.seq = seq
-        self.model_id = model_id
+        """Made by a pool's ``submit``, on the consumer's event loop."""
+        self.loop = asyncio.get_running_loop()
+        self.seq = job.seq
+        self.model_id = job.model_id
         self._cancel = cancel
         self.take = take
         self._events: deque[Event] = deque()
         self._waiter: asyncio.Future | None = None
         self.closed = False
-        self._timeout = timeout
-        self._load_timeout = load_timeout
+        self._timeout = settings.timeout
+        self._load_timeout = settings.load_timeout
         self._loading = False
         self._timer: asyncio.TimerHandle | None = None
 

@@ -15,7 +15,6 @@ A model that is not in the registry runs one prompt at a time.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 import threading
@@ -90,15 +89,7 @@ class ThreadPool(Pool):
     async def submit(self, model: llm.Model, job: Job, settings: Settings) -> Run:
         job.seq = next(self._seqs)
         control = Control(local_cells())
-        run = Run(
-            asyncio.get_running_loop(),
-            job.seq,
-            job.model_id,
-            cancel=lambda: self._cancel(job.seq, control),
-            take=control.take,
-            timeout=settings.timeout,
-            load_timeout=settings.load_timeout,
-        )
+        run = Run(job, settings, cancel=lambda: self._cancel(job.seq, control), take=control.take)
         with self._lock:
             if self.closed:
                 raise PoolClosed("The thread pool has shut down")
