@@ -69,6 +69,11 @@ def wait_for_file(path, timeout=10.0):
     raise AssertionError(f"{path} was not written within {timeout}s")
 
 
+def probe():
+    """The test probe model, as async code gets it."""
+    return llm.get_async_model("probe")
+
+
 def process_pool(**settings):
     """The live process pool whose settings match."""
     for pool in live_pools():

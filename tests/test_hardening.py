@@ -18,6 +18,7 @@ from helpers import (
     SCRIPT_HEAD,
     descendants,
     pid_alive,
+    probe,
     process_pool,
     run_script,
     started,
@@ -33,10 +34,6 @@ from llm_async_procpool import (
     WorkerCrashed,
     live_pools,
 )
-
-
-def probe():
-    return llm.get_async_model("probe")
 
 
 # ------------------------------------------------------------------ data loss

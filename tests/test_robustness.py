@@ -13,7 +13,15 @@ import time
 
 import llm
 import pytest
-from helpers import descendants, pid_alive, process_pool, started, wait_for_file, worker_pids
+from helpers import (
+    descendants,
+    pid_alive,
+    probe,
+    process_pool,
+    started,
+    wait_for_file,
+    worker_pids,
+)
 
 from llm_async_procpool import (
     PoolClosed,
@@ -24,10 +32,6 @@ from llm_async_procpool import (
 )
 from llm_async_procpool.messages import WINDOW
 from llm_async_procpool.outbox import MAX_BATCH
-
-
-def probe():
-    return llm.get_async_model("probe")
 
 
 # ------------------------------------------------------------------ cancelling

@@ -5,7 +5,7 @@ import os
 import time
 
 import llm
-from helpers import pid_alive, worker_pids
+from helpers import pid_alive, probe, worker_pids
 
 from llm_async_procpool import live_pools
 
@@ -137,3 +137,64 @@ async def test_workers_run_at_the_configured_niceness(monkeypatch):
     monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "1")
     pid = (await llm.get_async_model("probe").prompt("x", chunks=1).json())["pid"]
     assert os.getpriority(os.PRIO_PROCESS, pid) - os.getpriority(os.PRIO_PROCESS, 0) == 7
+
+
+async def test_two_loops_in_two_threads_share_one_worker(monkeypatch):
+    """Each prompt's events are read on its own consumer's loop; with one
+    worker, consecutive prompts hand its pipe from loop to loop."""
+    monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "1")
+    monkeypatch.setenv("LLM_ASYNC_POOL_IDLE_TIMEOUT", "307")  # a pool of its own
+
+    def prompts(name):
+        async def main():
+            model = llm.get_async_model("probe")
+            return [await model.prompt(f"{name}{i}", chunks=1 + i % 3).text() for i in range(30)]
+
+        return asyncio.run(main())
+
+    results = await asyncio.wait_for(
+        asyncio.gather(asyncio.to_thread(prompts, "a"), asyncio.to_thread(prompts, "b")), 60
+    )
+    expected = ["".join(f"{c} " for c in range(1 + i % 3)) for i in range(30)]
+    assert results == [expected, expected]
+
+
+async def test_a_loop_closed_mid_prompt_frees_its_worker(monkeypatch):
+    """Nobody cancels the prompt and its loop reads no more: the reactor takes
+    over the worker's pipe, so the worker's Done still frees it."""
+    monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "1")
+    monkeypatch.setenv("LLM_ASYNC_POOL_IDLE_TIMEOUT", "308")  # a pool of its own
+    assert await probe().prompt("warm", chunks=1).text() == "0 "
+
+    def abandon():
+        async def first_chunk(response):
+            async for _chunk in response:
+                return
+
+        loop = asyncio.new_event_loop()
+        response = probe().prompt("left", chunks=4, delay=0.1)
+        loop.run_until_complete(first_chunk(response))
+        loop.close()  # the worker is still generating; nobody cancels it
+
+    await asyncio.to_thread(abandon)
+    started_at = time.monotonic()
+    assert await asyncio.wait_for(probe().prompt("next", chunks=2).text(), 15) == "0 1 "
+    assert time.monotonic() - started_at < 5
+
+
+def test_recycled_workers_across_loops_leak_no_fds(monkeypatch):
+    """A worker per prompt, prompts from loop after loop: each event pipe is
+    closed once no loop holds it, and a recycled fd number serves again."""
+    monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "1")
+    monkeypatch.setenv("LLM_ASYNC_POOL_MAX_TASKS", "1")
+    monkeypatch.setenv("LLM_ASYNC_POOL_IDLE_TIMEOUT", "309")  # a pool of its own
+
+    async def some(count):
+        return [await probe().prompt(str(i), chunks=2).text() for i in range(count)]
+
+    assert asyncio.run(some(2)) == ["0 1 "] * 2
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(6):
+        assert asyncio.run(some(3)) == ["0 1 "] * 3
+    time.sleep(0.5)  # the last recycled worker's exit is settled
+    assert len(os.listdir("/proc/self/fd")) <= before + 2

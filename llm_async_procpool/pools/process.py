@@ -59,6 +59,7 @@ from ..wire import dumps_job, rebuild_error
 from ..worker import Boot
 from . import launch
 from .base import Memory, Pool, WorkerInfo, available_memory, memory, total_memory
+from .inbox import Frames, Inbox
 from .reactor import Reactor
 from .run import Dispatched, Run
 from .templates import Template, TemplateHost
@@ -75,6 +76,8 @@ INLINE_JOB = 60_000
 SHUTDOWN_GRACE = 1.0
 #: Seconds a retired worker gets to exit on its own before it is killed.
 RETIRE_GRACE = 5.0
+#: Seconds between checks that a running prompt's event loop has not closed.
+LOOP_CHECK = 1.0
 #: A new worker starts by default only while this share of memory stays available.
 KEEP_FREE = 0.5
 CHUNKS = KINDS[Chunks]
@@ -114,8 +117,7 @@ class Slot:
         self.handle = handle
         self.pid = handle.pid
         self.jobs = jobs
-        self.events = events
-        self.reader = channel.FrameReader(events)
+        self.inbox = Inbox(events, lambda frames: pool._on_events(self, frames))
         self.index = index
         self.control = Control(pool.cells, index)
         self.models: set[str] = set()
@@ -274,6 +276,7 @@ class ProcessPool(TemplateHost, Pool):
         slot.control.reset()
         self.cells[BUSY] += 1
         item.run.deliver(Dispatched(cold=slot.cold))
+        slot.inbox.to_loop(item.run.loop, self._reactor)
         if len(item.payload) <= INLINE_JOB:  # the idle worker's pipe is empty: no block
             slot.send(item.job.seq, item.payload)
         else:
@@ -364,17 +367,17 @@ class ProcessPool(TemplateHost, Pool):
         return slot
 
     def _watch(self, slot: Slot) -> None:
-        self._reactor.watch(slot.events, lambda: self._on_events(slot))
         self._reactor.watch(slot.handle.sentinel, lambda: self._on_exit(slot))
 
     # ------------------------------------------------------------ coming back
-    def _on_events(self, slot: Slot) -> None:
+    def _on_events(self, slot: Slot, frames: Frames) -> None:
+        """Frames from ``slot.inbox``: on the consumer's loop, or on the reactor."""
         if slot.gone:
             return
-        for seq, kind, payload, size in slot.reader.read():
+        for seq, kind, payload, size in frames:
             self._on_frame(slot, seq, kind, payload, size)
-        if slot.reader.eof:  # it closed its event pipe: it cannot serve; make sure it ends
-            self._reactor.unwatch(slot.events)
+        if slot.inbox.reader.eof:  # it closed its event pipe: it cannot serve; make sure it ends
+            slot.inbox.release()
             slot.handle.kill()
 
     def _on_frame(self, slot: Slot, seq: int, kind: int, payload: bytes, size: int) -> None:
@@ -453,6 +456,7 @@ class ProcessPool(TemplateHost, Pool):
             if item is None:
                 return
             slot.item = item.slot = None
+            slot.inbox.release()
             slot.kill_at = None
             slot.served += 1
             self.cells[BUSY] -= 1
@@ -470,11 +474,10 @@ class ProcessPool(TemplateHost, Pool):
         """Its sentinel fired: the process is gone. Read what it sent, then settle."""
         if slot.gone:
             return
+        slot.inbox.read()  # what it wrote before it died, in order, on this thread
         slot.gone = True
-        for seq, kind, payload, size in slot.reader.read():
-            self._on_frame(slot, seq, kind, payload, size)
+        slot.inbox.close()
         code = slot.handle.exit_code()
-        self._reactor.unwatch(slot.events, lambda: os.close(slot.events))
         self._reactor.unwatch(slot.handle.sentinel, slot.handle.close)
         try:
             os.close(slot.jobs)
@@ -523,6 +526,7 @@ class ProcessPool(TemplateHost, Pool):
             if slot is None or slot.item is not item:
                 return  # already finished
             slot.control.cancel(item.job.seq)
+            slot.inbox.to_reactor(self._reactor)  # its consumer reads no more
             now = time.monotonic()
             allowance = item.settings.grace
             load = item.settings.load_timeout
@@ -560,6 +564,8 @@ class ProcessPool(TemplateHost, Pool):
         expired: list[Template] = []
         with self._lock:
             for slot in self._slots:
+                if slot.item is not None and slot.inbox.watch_loop(self._reactor):
+                    due.append(now + LOOP_CHECK)
                 if slot.kill_at is not None:
                     if slot.kill_at <= now:  # retired with the kill: a Done already on
                         self._retire(slot)  # its way must not free it for another prompt

@@ -14,6 +14,7 @@ first ``execute()``: until the first chunk comes, the load allowance
 from __future__ import annotations
 
 import asyncio
+from asyncio import events
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,7 +54,10 @@ class Run:
         self._timer: asyncio.TimerHandle | None = None
 
     def deliver(self, event: Event | Dispatched) -> None:
-        """Called from any thread."""
+        """Called from any thread; on the consumer's own loop it takes effect at once."""
+        if events._get_running_loop() is self.loop:
+            self._push(event)
+            return
         try:
             self.loop.call_soon_threadsafe(self._push, event)
         except RuntimeError:  # the consumer's loop is closed: nobody will read

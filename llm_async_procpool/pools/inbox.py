@@ -1,0 +1,147 @@
+"""How a worker's events reach the parent: the read end of its event pipe.
+
+While a prompt runs, its consumer's own event loop reads the pipe
+(``loop.add_reader``), so a chunk wakes the loop with no thread in between.
+When nobody on that loop will read any more (the prompt was cancelled or
+timed out, or its loop closed), the pool's reactor thread reads instead, so
+the worker's last events still end its job and free it. Between prompts an
+idle worker writes nothing, and nobody needs to read.
+
+``want`` says who reads now. Each loop adds and removes its own registration
+(asyncio's are not thread-safe), so a loop reconciles itself with ``want``
+when poked, and a registration no longer wanted removes itself at its next
+wake, without reading. The fd is closed only when no loop and no reactor
+holds it, so a recycled fd number is never mistaken for this one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from asyncio import events
+from collections.abc import Callable
+
+from ..channel import FrameReader
+from .reactor import Reactor
+
+Frames = list[tuple[int, int, bytes, int]]
+
+
+class Inbox:
+    def __init__(self, fd: int, on_frames: Callable[[Frames], None]):
+        self.fd = fd
+        self.reader = FrameReader(fd)
+        self._on_frames = on_frames
+        self._reading = threading.Lock()  # one reader at a time, frames in order
+        self._lock = threading.Lock()
+        self.want: asyncio.AbstractEventLoop | Reactor | None = None
+        self._loops: set[asyncio.AbstractEventLoop] = set()  # registered on these
+        self._reactor_holds = 0  # reactor registrations not yet undone
+        self._closing = False
+
+    def read(self) -> None:
+        """Read what has come and hand it on, whoever reads now."""
+        with self._reading:
+            self._on_frames(self.reader.read())
+
+    # ------------------------------------------------------------ who reads
+    def to_loop(self, loop: asyncio.AbstractEventLoop, fallback: Reactor | None) -> None:
+        """The prompt's consumer loop reads; the reactor if that loop is closed."""
+        if self._set(loop) and not self._poke(loop) and fallback is not None:
+            self._set(fallback)
+
+    def to_reactor(self, reactor: Reactor | None) -> None:
+        if reactor is not None:
+            self._set(reactor)
+
+    def release(self) -> None:
+        """Nobody reads: the job has ended. A loop's registration lapses lazily,
+        so the next prompt from the same loop costs no system call."""
+        self._set(None)
+
+    def watch_loop(self, reactor: Reactor | None) -> bool:
+        """Hand over to ``reactor`` if the reading loop has closed (with a prompt
+        still running, its last events must be read). True while a live loop
+        reads: check again later."""
+        want = self.want
+        if not isinstance(want, asyncio.AbstractEventLoop):
+            return False
+        if want.is_closed():
+            self.to_reactor(reactor)
+            return False
+        return True
+
+    def close(self) -> None:
+        """Close the fd once every reader has let go (the worker has exited)."""
+        with self._lock:
+            self._closing = True
+            old, self.want = self.want, None
+            loops = list(self._loops)
+        if isinstance(old, Reactor):
+            old.unwatch(self.fd, self._reactor_let_go)
+        for loop in loops:
+            self._poke(loop)
+        self._close_if_free()
+
+    def _set(self, want: asyncio.AbstractEventLoop | Reactor | None) -> bool:
+        with self._lock:
+            if self._closing or self.want is want:
+                return False
+            old, self.want = self.want, want
+            if isinstance(want, Reactor):
+                self._reactor_holds += 1
+        if isinstance(old, Reactor):
+            old.unwatch(self.fd, self._reactor_let_go)
+        if isinstance(want, Reactor):
+            want.watch(self.fd, self._on_reactor)
+        return True
+
+    # ------------------------------------------------------------ on each reader
+    def _poke(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Have ``loop`` match its registration to ``want``; False if it is closed."""
+        if events._get_running_loop() is loop:
+            self._sync(loop)
+            return True
+        try:
+            loop.call_soon_threadsafe(self._sync, loop)
+            return True
+        except RuntimeError:  # closed: its selector, with our registration, is gone
+            with self._lock:
+                self._loops.discard(loop)
+            self._close_if_free()
+            return False
+
+    def _sync(self, loop: asyncio.AbstractEventLoop) -> None:
+        """On ``loop``'s thread."""
+        with self._lock:
+            wanted = self.want is loop
+            if wanted and loop not in self._loops:
+                loop.add_reader(self.fd, self._on_loop, loop)
+                self._loops.add(loop)
+            elif not wanted and loop in self._loops:
+                loop.remove_reader(self.fd)
+                self._loops.discard(loop)
+        self._close_if_free()
+
+    def _on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self.want is loop:
+            self.read()
+        else:
+            self._sync(loop)
+
+    def _on_reactor(self) -> None:
+        if isinstance(self.want, Reactor):
+            self.read()
+
+    def _reactor_let_go(self) -> None:
+        with self._lock:
+            self._reactor_holds -= 1
+        self._close_if_free()
+
+    def _close_if_free(self) -> None:
+        with self._lock:
+            if not self._closing or self._loops or self._reactor_holds or self.fd < 0:
+                return
+            fd, self.fd = self.fd, -1
+        os.close(fd)
