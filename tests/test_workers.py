@@ -198,3 +198,22 @@ def test_recycled_workers_across_loops_leak_no_fds(monkeypatch):
         assert asyncio.run(some(3)) == ["0 1 "] * 3
     time.sleep(0.5)  # the last recycled worker's exit is settled
     assert len(os.listdir("/proc/self/fd")) <= before + 2
+
+
+def test_a_loop_that_cannot_watch_pipes_is_served_by_the_reactor(monkeypatch):
+    """Windows' proactor loop has no add_reader: the reactor reads for it."""
+    monkeypatch.setenv("LLM_ASYNC_POOL_IDLE_TIMEOUT", "310")  # a pool of its own
+
+    class NoReaders(asyncio.SelectorEventLoop):
+        def add_reader(self, *args):
+            raise NotImplementedError
+
+    async def main():
+        return [await probe().prompt(str(i), chunks=3).text() for i in range(3)]
+
+    loop = NoReaders()
+    try:
+        texts = loop.run_until_complete(asyncio.wait_for(main(), 20))
+    finally:
+        loop.close()
+    assert texts == ["0 1 2 "] * 3

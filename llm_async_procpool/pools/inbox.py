@@ -39,6 +39,7 @@ class Inbox:
         self._loops: set[asyncio.AbstractEventLoop] = set()  # registered on these
         self._reactor_holds = 0  # reactor registrations not yet undone
         self._closing = False
+        self._fallback: Reactor | None = None
 
     def read(self) -> None:
         """Read what has come and hand it on, whoever reads now."""
@@ -47,7 +48,9 @@ class Inbox:
 
     # ------------------------------------------------------------ who reads
     def to_loop(self, loop: asyncio.AbstractEventLoop, fallback: Reactor | None) -> None:
-        """The prompt's consumer loop reads; the reactor if that loop is closed."""
+        """The prompt's consumer loop reads; the reactor if that loop is closed,
+        or cannot watch a pipe (Windows' proactor loop)."""
+        self._fallback = fallback
         if self._set(loop) and not self._poke(loop) and fallback is not None:
             self._set(fallback)
 
@@ -114,14 +117,20 @@ class Inbox:
 
     def _sync(self, loop: asyncio.AbstractEventLoop) -> None:
         """On ``loop``'s thread."""
+        unable = False
         with self._lock:
             wanted = self.want is loop
             if wanted and loop not in self._loops:
-                loop.add_reader(self.fd, self._on_loop, loop)
-                self._loops.add(loop)
+                try:
+                    loop.add_reader(self.fd, self._on_loop, loop)
+                    self._loops.add(loop)
+                except NotImplementedError:
+                    unable = True
             elif not wanted and loop in self._loops:
                 loop.remove_reader(self.fd)
                 self._loops.discard(loop)
+        if unable:
+            self.to_reactor(self._fallback)
         self._close_if_free()
 
     def _on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
