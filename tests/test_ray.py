@@ -9,7 +9,7 @@ import time
 
 import llm
 import pytest
-from helpers import needs_modern_llm, wait_for_file
+from helpers import needs_modern_llm, probe, wait_for_file
 
 from llm_async_procpool import PromptTimeout, RemoteError, WorkerCrashed, live_pools
 
@@ -21,10 +21,6 @@ def ray_pool(ray_cluster, monkeypatch):
     monkeypatch.setenv("LLM_ASYNC_POOL", "ray")
     monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "2")
     return ray_cluster
-
-
-def probe():
-    return llm.get_async_model("probe")
 
 
 def the_pool():
@@ -113,6 +109,25 @@ async def test_timeout(ray_pool, monkeypatch):
     with pytest.raises(PromptTimeout):
         await probe().prompt("x", chunks=1000, delay=0.01).text()
     assert await probe().prompt("y", chunks=1).text() == "0 "
+
+
+async def test_a_cancel_before_the_first_chunk_of_a_loaded_model_gets_only_the_grace(
+    ray_pool, monkeypatch
+):
+    """The load allowance protects a first load, not a warm model stuck before
+    its first chunk: that actor is killed after the grace period."""
+    monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "1")
+    monkeypatch.setenv("LLM_ASYNC_POOL_GRACE", "0.5")
+    monkeypatch.setenv("LLM_ASYNC_POOL_LOAD_TIMEOUT", "60")
+    assert await probe().prompt("warm", chunks=1).text() == "0 "
+    task = asyncio.ensure_future(probe().prompt("x", chunks=3, fail="stuck").text())
+    await asyncio.sleep(0.5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    started = time.monotonic()
+    assert await asyncio.wait_for(probe().prompt("y", chunks=2).text(), 30) == "0 1 "
+    assert time.monotonic() - started < 20  # a new actor's start, not the load allowance
 
 
 async def test_a_killed_actor_fails_its_prompt_and_the_next_succeeds(ray_pool):

@@ -61,7 +61,7 @@ from . import launch
 from .base import Memory, Pool, WorkerInfo, available_memory, memory, total_memory
 from .inbox import Frames, Inbox
 from .reactor import Reactor
-from .run import Dispatched, Run
+from .run import Dispatched, Run, stop_allowance
 from .templates import Template, TemplateHost
 
 STARTUP_HINT = (
@@ -527,12 +527,8 @@ class ProcessPool(TemplateHost, Pool):
                 return  # already finished
             slot.control.cancel(item.job.seq)
             slot.inbox.to_reactor(self._reactor)  # its consumer reads no more
-            now = time.monotonic()
-            allowance = item.settings.grace
-            load = item.settings.load_timeout
-            if slot.cold and not slot.heard and load is not None:  # let a load finish
-                allowance = max(allowance, slot.started + load - now)
-            slot.kill_at = now + allowance
+            loading = slot.cold and not slot.heard
+            slot.kill_at = time.monotonic() + stop_allowance(item.settings, loading, slot.started)
         if self._reactor is not None:
             self._reactor.wake()
 

@@ -40,7 +40,7 @@ from ..errors import PoolClosed, PoolConfigError, RemoteError, WorkerCrashed
 from ..messages import KINDS, Chunks, Failed, Job, NeedModel
 from ..wire import dumps_job, rebuild_error
 from .base import Memory, Pool, WorkerInfo, memory
-from .run import Dispatched, Run
+from .run import Dispatched, Run, stop_allowance
 
 #: Streamed objects an actor may have yielded that the consumer has not read.
 BACKPRESSURE = 16
@@ -74,6 +74,8 @@ class _Item:
     generator: Any = None
     task: Any = None  # the feeding task, kept so it is not collected mid-flight
     heard: bool = False
+    cold: bool = False  # its actor had not loaded its model when it began
+    started: float = 0.0
 
 
 class _Actor:
@@ -168,7 +170,9 @@ class RayPool(Pool):
     def _begin(self, item: _Item, actor: _Actor) -> None:
         actor.item, item.actor = item, actor
         actor.idle_since = None
-        item.run.deliver(Dispatched(cold=item.job.model_key not in actor.models))
+        item.cold = item.job.model_key not in actor.models
+        item.started = time.monotonic()
+        item.run.deliver(Dispatched(cold=item.cold))
         try:
             item.run.loop.call_soon_threadsafe(self._feed_soon, item)
         except RuntimeError:  # the consumer's loop is gone
@@ -295,10 +299,7 @@ class RayPool(Pool):
             if generator is None:  # dispatched, not started: nothing runs yet
                 self._finished(actor)
                 return
-            allowance = item.settings.grace
-            load = item.settings.load_timeout
-            if not item.heard and load is not None:  # let a first load finish
-                allowance = max(allowance, load)
+            allowance = stop_allowance(item.settings, item.cold and not item.heard, item.started)
             actor.stopping = (generator.completed(), time.monotonic() + allowance)
             actor.item = None
         try:

@@ -14,6 +14,7 @@ first ``execute()``: until the first chunk comes, the load allowance
 from __future__ import annotations
 
 import asyncio
+import time
 from asyncio import events
 from collections import deque
 from collections.abc import Callable
@@ -29,6 +30,19 @@ class Dispatched:
     """Parent-side only: a worker took the prompt. ``cold``: it loads the model first."""
 
     cold: bool = False
+
+
+def stop_allowance(settings: Settings, loading: bool, since: float) -> float:
+    """Seconds a cancelled prompt's worker gets to stop before it is killed.
+
+    The grace period; but a model's first load (``loading``, under way since
+    ``since`` on the monotonic clock) may use the rest of the load allowance,
+    so a cancel does not throw away a load the next prompt needs.
+    """
+    allowance = settings.grace
+    if loading and settings.load_timeout is not None:
+        allowance = max(allowance, since + settings.load_timeout - time.monotonic())
+    return allowance
 
 
 class Run:
