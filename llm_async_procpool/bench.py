@@ -51,6 +51,11 @@ class Sample:
     lag: list[float] = field(default_factory=list)
     cpu_seconds: float = 0.0  # this process and its descendants
     error: str | None = None
+    repeat: int = 1  # prompts each caller sent in turn
+
+    @property
+    def prompts(self) -> int:
+        return self.concurrency * self.repeat
 
 
 @dataclass
@@ -59,6 +64,9 @@ class Workload:
     prompt: str = "the cat sat on the mat and the dog sat on the log"
     options: dict[str, Any] = field(default_factory=dict)
     vary: bool = False  # a different prompt each time, so no cache can skip work
+    #: Prompts each of the ``concurrency`` callers sends in turn in one sample:
+    #: more than one for prompts of a few ms, where one prompt is all noise.
+    repeat: int = 1
 
     def text(self) -> str:
         return f"{self.prompt} ({random.randrange(10**9)})" if self.vary else self.prompt
@@ -66,9 +74,9 @@ class Workload:
 
 # ----------------------------------------------------------------- contenders
 def _run_serial(model: llm.Model, workload: Workload, count: int) -> Sample:
-    sample = Sample("serial", count)
+    sample = Sample("serial", count, repeat=workload.repeat)
     started = time.perf_counter()
-    for _ in range(count):
+    for _ in range(sample.prompts):
         begun = time.perf_counter()
         first = True
         for _chunk in model.prompt(workload.text(), **workload.options):
@@ -81,7 +89,7 @@ def _run_serial(model: llm.Model, workload: Workload, count: int) -> Sample:
 
 
 async def _run_async(model: llm.AsyncModel, workload: Workload, count: int, name: str) -> Sample:
-    sample = Sample(name, count)
+    sample = Sample(name, count, repeat=workload.repeat)
     stop = asyncio.Event()
 
     async def heartbeat():
@@ -90,19 +98,20 @@ async def _run_async(model: llm.AsyncModel, workload: Workload, count: int, name
             await asyncio.sleep(HEARTBEAT)
             sample.lag.append(time.perf_counter() - begun - HEARTBEAT)
 
-    async def one():
-        begun = time.perf_counter()
-        first = True
-        async for _chunk in model.prompt(workload.text(), **workload.options):
-            if first:
-                sample.first_chunk.append(time.perf_counter() - begun)
-                first = False
-            sample.chunks += 1
+    async def caller():
+        for _ in range(workload.repeat):
+            begun = time.perf_counter()
+            first = True
+            async for _chunk in model.prompt(workload.text(), **workload.options):
+                if first:
+                    sample.first_chunk.append(time.perf_counter() - begun)
+                    first = False
+                sample.chunks += 1
 
     beat = asyncio.ensure_future(heartbeat())
     started = time.perf_counter()
     try:
-        await asyncio.gather(*(one() for _ in range(count)))
+        await asyncio.gather(*(caller() for _ in range(count)))
     finally:
         sample.seconds = time.perf_counter() - started
         stop.set()
@@ -174,9 +183,10 @@ class Contenders:
             if name == "serial":
                 return _run_serial(self.sync_model, workload, count)
             if name == "ceiling":
-                sample = Sample(name, count)
+                sample = Sample(name, count, repeat=workload.repeat)
                 started = time.perf_counter()
-                sample.chunks = sum(self.ceiling.map(_ceiling_run, [workload] * count))
+                for _ in range(workload.repeat):  # ``count`` at a time, as the callers do
+                    sample.chunks += sum(self.ceiling.map(_ceiling_run, [workload] * count))
                 sample.seconds = time.perf_counter() - started
                 return sample
             if name == "all-models-async":
@@ -319,7 +329,7 @@ def summarize(samples: list[Sample]) -> list[dict]:
             row["error"] = errors[0]
             rows.append(row)
             continue
-        rates = [count / s.seconds for s in ok]
+        rates = [s.prompts / s.seconds for s in ok]
         row.update(
             prompts_per_s=statistics.median(rates),
             spread=[min(rates), max(rates)],
@@ -498,6 +508,12 @@ def plot(reports: list[dict], path: str) -> bool:
     return True
 
 
+def title(workload: dict) -> str:
+    repeat = workload.get("repeat", 1)
+    each = f", {repeat} prompts in turn per caller" if repeat > 1 else ""
+    return f"{workload['model_id']} {workload['options']}{each}"
+
+
 def save(reports: list[dict], json_path: str | None, markdown_path: str | None) -> None:
     if json_path:
         with open(json_path, "w") as out:
@@ -505,9 +521,7 @@ def save(reports: list[dict], json_path: str | None, markdown_path: str | None) 
     if markdown_path:
         with open(markdown_path, "w") as out:
             for report in reports:
-                out.write(
-                    f"### {report['workload']['model_id']} {report['workload']['options']}\n\n"
-                )
+                out.write(f"### {title(report['workload'])}\n\n")
                 out.write(markdown(report) + "\n\n")
 
 

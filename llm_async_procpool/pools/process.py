@@ -3,7 +3,7 @@
     parent                                      worker process
     submit() -> queue -> _dispatch()
       --job pipe: Job frame------------------->  Worker.serve() -> run_job() -> execute()
-    Run <- reactor thread <--event pipe--------  Outbox: Chunks..., Done | Failed
+    Run <- Inbox, on the consumer's loop <----  Outbox: Chunks..., Done | Failed
     Run.close() --shared cells: stop seq------>  stops before the next chunk
 
 Prompts wait in one queue. ``_dispatch`` gives each to an idle worker that
@@ -15,9 +15,11 @@ copies). Where it is safe, that first load happens in a template process
 (``templates.py`` here, ``template.py`` in that process) and every worker for
 the model is forked from it, sharing its memory.
 
-One reactor thread (``reactor.py``) reads every event pipe and watches every
-process's sentinel, so a death is noticed from the process itself even if a
-helper it forked still holds its pipes. Crashes, timeouts, grace-period
+A running prompt's events are read on its consumer's event loop
+(``inbox.py``). One reactor thread (``reactor.py``) watches every process's
+sentinel, so a death is noticed from the process itself even if a helper it
+forked still holds its pipes; it also reads a pipe nobody else will (after a
+cancel, or when the consumer's loop closed). Crashes, timeouts, grace-period
 kills, idle retirement and recycling all end in the same bookkeeping: the
 slot's capacity comes back and the queue moves on, whatever happened to the
 event loop that submitted the prompt.

@@ -1,9 +1,11 @@
 """One thread per process pool that waits on every worker at once.
 
-It wakes when an event pipe has data, when a process sentinel says a worker
-or template exited (however it died, and whatever it did with its pipes), and
-when the pool's next timer is due (a grace-period kill, an idle worker's
-retirement). The pool's callbacks run here; they must not block.
+It wakes when a process sentinel says a worker or template exited (however
+it died, and whatever it did with its pipes), when a template answers on its
+socket, when an event pipe it was handed has data (a cancelled prompt's last
+events: ``inbox.py``), and when the pool's next timer is due (a grace-period
+kill, an idle worker's retirement). The pool's callbacks run here; they must
+not block.
 
 Other threads add and remove fds through ``watch``/``unwatch``, which the
 reactor applies itself between two waits, so the selector is only ever
