@@ -5,6 +5,7 @@ import os
 import time
 
 import llm
+import pytest
 from helpers import pid_alive, probe, worker_pids
 
 from llm_async_procpool import live_pools
@@ -159,11 +160,13 @@ async def test_two_loops_in_two_threads_share_one_worker(monkeypatch):
     assert results == [expected, expected]
 
 
-async def test_a_loop_closed_mid_prompt_frees_its_worker(monkeypatch):
-    """Nobody cancels the prompt and its loop reads no more: the reactor takes
-    over the worker's pipe, so the worker's Done still frees it."""
+@pytest.mark.parametrize("ending", ["closed", "stopped"])
+async def test_a_loop_that_ends_mid_prompt_frees_its_worker(monkeypatch, ending):
+    """Nobody cancels the prompt and its loop reads no more (closed, or stopped
+    and left open): the reactor takes over the worker's pipe, so the worker's
+    Done still frees it."""
     monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "1")
-    monkeypatch.setenv("LLM_ASYNC_POOL_IDLE_TIMEOUT", "308")  # a pool of its own
+    monkeypatch.setenv("LLM_ASYNC_POOL_IDLE_TIMEOUT", "308" if ending == "closed" else "311")
     assert await probe().prompt("warm", chunks=1).text() == "0 "
 
     def abandon():
@@ -174,12 +177,15 @@ async def test_a_loop_closed_mid_prompt_frees_its_worker(monkeypatch):
         loop = asyncio.new_event_loop()
         response = probe().prompt("left", chunks=4, delay=0.1)
         loop.run_until_complete(first_chunk(response))
-        loop.close()  # the worker is still generating; nobody cancels it
+        if ending == "closed":  # the worker is still generating; nobody cancels it
+            loop.close()
+        return loop
 
-    await asyncio.to_thread(abandon)
+    left = await asyncio.to_thread(abandon)
     started_at = time.monotonic()
     assert await asyncio.wait_for(probe().prompt("next", chunks=2).text(), 15) == "0 1 "
     assert time.monotonic() - started_at < 5
+    left.close()
 
 
 def test_recycled_workers_across_loops_leak_no_fds(monkeypatch):

@@ -51,6 +51,8 @@ class Inbox:
         """The prompt's consumer loop reads; the reactor if that loop is closed,
         or cannot watch a pipe (Windows' proactor loop)."""
         self._fallback = fallback
+        with self._lock:  # a closed loop's registration went with its selector
+            self._loops = {held for held in self._loops if not held.is_closed()}
         if self._set(loop) and not self._poke(loop) and fallback is not None:
             self._set(fallback)
 
@@ -64,13 +66,13 @@ class Inbox:
         self._set(None)
 
     def watch_loop(self, reactor: Reactor | None) -> bool:
-        """Hand over to ``reactor`` if the reading loop has closed (with a prompt
-        still running, its last events must be read). True while a live loop
-        reads: check again later."""
+        """Hand over to ``reactor`` if the reading loop has closed or stopped
+        (with a prompt still running, its last events must be read, so the worker
+        is freed). True while a running loop reads: check again later."""
         want = self.want
         if not isinstance(want, asyncio.AbstractEventLoop):
             return False
-        if want.is_closed():
+        if want.is_closed() or not want.is_running():
             self.to_reactor(reactor)
             return False
         return True

@@ -65,6 +65,7 @@ class Run:
         self._timeout = settings.timeout
         self._load_timeout = settings.load_timeout
         self._loading = False
+        self._heard = False  # an event of the job has come
         self._timer: asyncio.TimerHandle | None = None
 
     def deliver(self, event: Event | Dispatched) -> None:
@@ -102,9 +103,11 @@ class Run:
         if self.closed:
             return
         if type(event) is Dispatched:
-            self._loading = event.cold
-            self._arm(self._load_timeout if event.cold else self._timeout, event.cold)
+            cold = event.cold and not self._heard  # it may come after a first chunk
+            self._loading = cold
+            self._arm(self._load_timeout if cold else self._timeout, cold)
             return
+        self._heard = True
         if self._loading:  # the model is loaded: the prompt's own clock starts
             self._loading = False
             self._arm(self._timeout, False)
