@@ -6,7 +6,7 @@ import time
 
 import llm
 import pytest
-from helpers import pid_alive, probe, worker_pids
+from helpers import pid_alive, probe, run_script, worker_pids
 
 from llm_async_procpool import live_pools
 
@@ -223,3 +223,31 @@ def test_a_loop_that_cannot_watch_pipes_is_served_by_the_reactor(monkeypatch):
     finally:
         loop.close()
     assert texts == ["0 1 2 "] * 3
+
+
+def test_a_loop_that_cannot_watch_pipes_works_on_a_fresh_process_first_prompt(tmp_path):
+    """In a fresh single-threaded process the first worker is forked before the
+    pool has a reactor; the reactor, made right after, takes the pipe."""
+    result, took = run_script(
+        tmp_path,
+        """
+        class NoReaders(asyncio.SelectorEventLoop):
+            def add_reader(self, *args):
+                raise NotImplementedError
+
+        async def main():
+            return [await probe().prompt(str(i), chunks=3).text() for i in range(3)]
+
+        if __name__ == "__main__":
+            llm.pm.register(plugin_models, name="procpool-test-models")
+            loop = NoReaders()
+            try:
+                print(loop.run_until_complete(asyncio.wait_for(main(), 15)))
+            finally:
+                loop.close()
+        """,
+        LLM_ASYNC_POOL_SHARE="off",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['0 1 2 ', '0 1 2 ', '0 1 2 ']"
+    assert took < 30

@@ -29,7 +29,12 @@ Frames = list[tuple[int, int, bytes, int]]
 
 
 class Inbox:
-    def __init__(self, fd: int, on_frames: Callable[[Frames], None]):
+    def __init__(
+        self,
+        fd: int,
+        on_frames: Callable[[Frames], None],
+        reactor: Callable[[], Reactor | None],
+    ):
         self.fd = fd
         self.reader = FrameReader(fd)
         self._on_frames = on_frames
@@ -39,7 +44,8 @@ class Inbox:
         self._loops: set[asyncio.AbstractEventLoop] = set()  # registered on these
         self._reactor_holds = 0  # reactor registrations not yet undone
         self._closing = False
-        self._fallback: Reactor | None = None
+        self._reactor = reactor  # the pool's reactor, once it has one
+        self.stranded = False  # no loop could watch it, and no reactor existed yet
 
     def read(self) -> None:
         """Read what has come and hand it on, whoever reads now."""
@@ -47,18 +53,26 @@ class Inbox:
             self._on_frames(self.reader.read())
 
     # ------------------------------------------------------------ who reads
-    def to_loop(self, loop: asyncio.AbstractEventLoop, fallback: Reactor | None) -> None:
+    def to_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """The prompt's consumer loop reads; the reactor if that loop is closed,
         or cannot watch a pipe (Windows' proactor loop)."""
-        self._fallback = fallback
         with self._lock:  # a closed loop's registration went with its selector
             self._loops = {held for held in self._loops if not held.is_closed()}
-        if self._set(loop) and not self._poke(loop) and fallback is not None:
-            self._set(fallback)
+        if self._set(loop) and not self._poke(loop):
+            self._to_fallback()
 
     def to_reactor(self, reactor: Reactor | None) -> None:
         if reactor is not None:
+            self.stranded = False
             self._set(reactor)
+
+    def _to_fallback(self) -> None:
+        reactor = self._reactor()
+        if reactor is None:  # the pool hands it its reactor when it makes one
+            self._set(None)
+            self.stranded = True
+        else:
+            self.to_reactor(reactor)
 
     def release(self) -> None:
         """Nobody reads: the job has ended. A loop's registration lapses lazily,
@@ -132,7 +146,7 @@ class Inbox:
                 loop.remove_reader(self.fd)
                 self._loops.discard(loop)
         if unable:
-            self.to_reactor(self._fallback)
+            self._to_fallback()
         self._close_if_free()
 
     def _on_loop(self, loop: asyncio.AbstractEventLoop) -> None:

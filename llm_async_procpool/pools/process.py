@@ -119,7 +119,9 @@ class Slot:
         self.handle = handle
         self.pid = handle.pid
         self.jobs = jobs
-        self.inbox = Inbox(events, lambda frames: pool._on_events(self, frames))
+        self.inbox = Inbox(
+            events, lambda frames: pool._on_events(self, frames), lambda: pool._reactor
+        )
         self.index = index
         self.control = Control(pool.cells, index)
         self.models: set[str] = set()
@@ -189,6 +191,8 @@ class ProcessPool(TemplateHost, Pool):
                 self._reactor = Reactor(f"llm-async-pool-{id(self):x}", self._tick)
                 for slot in self._slots:
                     self._watch(slot)
+                    if slot.inbox.stranded:
+                        slot.inbox.to_reactor(self._reactor)
                 for template in self._templates:
                     self._watch_template(template)
         return item.run
@@ -278,7 +282,7 @@ class ProcessPool(TemplateHost, Pool):
         slot.control.reset()
         self.cells[BUSY] += 1
         item.run.deliver(Dispatched(cold=slot.cold))
-        slot.inbox.to_loop(item.run.loop, self._reactor)
+        slot.inbox.to_loop(item.run.loop)
         if len(item.payload) <= INLINE_JOB:  # the idle worker's pipe is empty: no block
             slot.send(item.job.seq, item.payload)
         else:
