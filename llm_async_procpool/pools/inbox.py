@@ -59,35 +59,30 @@ class Inbox:
         with self._lock:  # a closed loop's registration went with its selector
             self._loops = {held for held in self._loops if not held.is_closed()}
         if self._set(loop) and not self._poke(loop):
-            self._to_fallback()
+            self.to_reactor()
 
-    def to_reactor(self, reactor: Reactor | None) -> None:
-        if reactor is not None:
-            self.stranded = False
-            self._set(reactor)
-
-    def _to_fallback(self) -> None:
+    def to_reactor(self) -> None:
+        """The pool's reactor reads; if it has none yet, it adopts this pipe when
+        it makes one (``stranded``)."""
         reactor = self._reactor()
-        if reactor is None:  # the pool hands it its reactor when it makes one
-            self._set(None)
-            self.stranded = True
-        else:
-            self.to_reactor(reactor)
+        self.stranded = reactor is None
+        self._set(reactor)
 
     def release(self) -> None:
         """Nobody reads: the job has ended. A loop's registration lapses lazily,
         so the next prompt from the same loop costs no system call."""
+        self.stranded = False
         self._set(None)
 
-    def watch_loop(self, reactor: Reactor | None) -> bool:
-        """Hand over to ``reactor`` if the reading loop has closed or stopped
+    def watch_loop(self) -> bool:
+        """Hand over to the reactor if the reading loop has closed or stopped
         (with a prompt still running, its last events must be read, so the worker
         is freed). True while a running loop reads: check again later."""
         want = self.want
         if not isinstance(want, asyncio.AbstractEventLoop):
             return False
         if want.is_closed() or not want.is_running():
-            self.to_reactor(reactor)
+            self.to_reactor()
             return False
         return True
 
@@ -146,7 +141,7 @@ class Inbox:
                 loop.remove_reader(self.fd)
                 self._loops.discard(loop)
         if unable:
-            self._to_fallback()
+            self.to_reactor()
         self._close_if_free()
 
     def _on_loop(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -192,7 +192,7 @@ class ProcessPool(TemplateHost, Pool):
                 for slot in self._slots:
                     self._watch(slot)
                     if slot.inbox.stranded:
-                        slot.inbox.to_reactor(self._reactor)
+                        slot.inbox.to_reactor()
                 for template in self._templates:
                     self._watch_template(template)
         return item.run
@@ -532,7 +532,7 @@ class ProcessPool(TemplateHost, Pool):
             if slot is None or slot.item is not item:
                 return  # already finished
             slot.control.cancel(item.job.seq)
-            slot.inbox.to_reactor(self._reactor)  # its consumer reads no more
+            slot.inbox.to_reactor()  # its consumer reads no more
             loading = slot.cold and not slot.heard
             slot.kill_at = time.monotonic() + stop_allowance(item.settings, loading, slot.started)
         if self._reactor is not None:
@@ -566,7 +566,7 @@ class ProcessPool(TemplateHost, Pool):
         expired: list[Template] = []
         with self._lock:
             for slot in self._slots:
-                if slot.item is not None and slot.inbox.watch_loop(self._reactor):
+                if slot.item is not None and slot.inbox.watch_loop():
                     due.append(now + LOOP_CHECK)
                 if slot.kill_at is not None:
                     if slot.kill_at <= now:  # retired with the kill: a Done already on
