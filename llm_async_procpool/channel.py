@@ -19,7 +19,8 @@ from typing import Any
 import cloudpickle
 
 HEADER = struct.Struct("<QQB")
-JOB = 0  # the kind of a frame from the parent: a pickled ``Job``
+JOB = 0  # kinds of a frame from the app: a pickled ``Job``,
+CONTEXT = 5  # or a pickled ``Context``
 READ_SIZE = 1 << 18
 
 

@@ -184,7 +184,7 @@ def render(report: dict) -> str:
         threads = s["threads_per_worker"] or "auto"
         lines.append(
             f"Pool: {s['pool']}; process workers: {workers}; threads per worker: {threads}; "
-            f"start method {s['start_method']}; sharing a model's memory: "
+            f"process pool {s['process_pool']}; sharing a model's memory: "
             f"{'on' if s['share'] else 'off'}"
         )
         lines.append(

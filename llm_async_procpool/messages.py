@@ -1,17 +1,21 @@
-"""Every value that crosses the boundary between the parent and a worker.
+"""Every value that crosses the boundary between the app and a process of ours.
 
-Parent to worker: a ``Job`` (one prompt, with its conversation).
+On a worker's job pipe, app to worker: a ``Job`` (one prompt, with its
+conversation), preceded by a ``Context`` when the app's directory or
+environment changed.
 
-Worker to parent, for each job: ``Chunks*``, then exactly one of ``Done`` /
-``Failed``. Instead of all that, a worker may answer ``NeedModel``: its own
-plugin registry does not have this model (one registered at runtime, say), so
-the parent sends the job again with the model pickled.
+On its event pipe, worker to app, for each job: ``Chunks*``, then exactly one
+of ``Done`` / ``Failed``. Instead of all that, a worker may answer
+``NeedModel``: its own plugin registry does not have this model (one
+registered at runtime, say), so the app sends the job again with the model
+pickled.
 
-A template process (``template``) answers its warm-up with ``Warmed``.
+On the socket of the zygote or of a template: ``Boot`` (to an exec'd zygote),
+``Ready``, ``Fork`` and ``Forked``; a template also answers its warm-up with
+``NeedModel`` or ``Warmed``.
 
-Control, parent to worker while a job runs, goes through shared integers
-(``Control``): the job to stop, and how many chunks and bytes the consumer
-has taken (the backpressure window). ``channel`` frames these values on pipes.
+``channel`` frames these values on pipes; ``cells`` holds what a worker reads
+between two chunks (stop, backpressure), which is shared memory, not messages.
 """
 
 from __future__ import annotations
@@ -20,11 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import llm
-
-#: Chunks a worker may have sent that the consumer has not taken yet.
-WINDOW = 4096
-#: Bytes of pickled chunks a worker may have sent that the consumer has not taken yet.
-WINDOW_BYTES = 16 * 2**20
 
 
 @dataclass
@@ -143,6 +142,58 @@ class Warmed:
     shareable: bool
     reason: str = ""
     threads: int = 1
+    loaded: bool = True  # False: the warm-up failed, so nothing is loaded
+
+
+@dataclass
+class Boot:
+    """What the zygote starts with; every worker and template it forks inherits it."""
+
+    environ: dict[str, str] = field(repr=False)  # the app's, before thread knobs
+    nice: int
+    threads: int  # the static thread share: cores // workers
+    fixed_threads: int | None  # LLM_ASYNC_POOL_THREADS, or None for auto
+    cores: int
+    parent: int  # the app's pid
+    cells: int  # how many shared cells to map
+    path: list[str] = field(default_factory=list)  # the app's sys.path
+    cwd: str = ""
+    preload: list[str] = field(default_factory=list)  # LLM_ASYNC_POOL_PRELOAD
+    inherited: bool = False  # forked from the app: it holds the app's own classes
+
+
+@dataclass
+class Ready:
+    """The zygote's first message: llm and its plugins are loaded (or why not)."""
+
+    problem: str = ""
+
+
+@dataclass
+class Fork:
+    """To the zygote or a template: fork a ``worker`` or a ``template`` that
+    serves on the fds sent with this message (job and event pipes, and for a
+    template its own socket)."""
+
+    kind: str
+    index: int  # its cells
+
+
+@dataclass
+class Forked:
+    """The answer to a ``Fork``, sent with the read end of the child's status pipe."""
+
+    pid: int
+
+
+@dataclass
+class Context:
+    """The app's working directory and environment, sent to a worker before a
+    job when they changed since its last one, so a model sees them as a
+    thread would."""
+
+    cwd: str
+    environ: dict[str, str] = field(repr=False)
 
 
 Event = Chunks | Done | Failed | NeedModel
@@ -151,54 +202,9 @@ Event = Chunks | Done | Failed | NeedModel
 KINDS: dict[type, int] = {Chunks: 1, Done: 2, Failed: 3, NeedModel: 4}
 TERMINAL_KINDS = frozenset({2, 3})
 
-#: Shared cells: one for the pool, then ``CELLS`` per worker.
-POOL_CELLS = 8
-CELLS = 4
-BUSY = 0  # pool cell: how many workers are running a prompt (the thread budget)
-
-
-class Control:
-    """The integers a worker and its parent both see while a job runs.
-
-    ``cells`` is a shared ``RawArray`` for worker processes (a check costs about
-    0.1 us, so the worker checks before every chunk) or a plain list in-process.
-    """
-
-    def __init__(self, cells: Any, index: int = 0):
-        self.cells = cells
-        self.base = POOL_CELLS + index * CELLS
-
-    def cancel(self, seq: int) -> None:
-        self.cells[self.base] = seq
-
-    def cancelled(self, seq: int) -> bool:
-        return self.cells[self.base] == seq
-
-    def taken(self) -> tuple[int, int]:
-        return self.cells[self.base + 1], self.cells[self.base + 2]
-
-    def take(self, count: int, nbytes: int = 0) -> None:
-        self.cells[self.base + 1] += count
-        self.cells[self.base + 2] += nbytes
-
-    def reset(self) -> None:
-        self.cells[self.base + 1] = self.cells[self.base + 2] = 0
-
-    def mark_started(self) -> None:
-        """Set by the worker once our code runs, past the interpreter's start-up."""
-        self.cells[self.base + 3] = 1
-
-    def started(self) -> bool:
-        return self.cells[self.base + 3] == 1
-
-    def clear(self) -> None:
-        for offset in range(CELLS):
-            self.cells[self.base + offset] = 0
-
-    def busy(self) -> int:
-        return self.cells[BUSY]
-
-
-def local_cells() -> list[int]:
-    """Cells for a single in-process job."""
-    return [0] * (POOL_CELLS + CELLS)
+#: Exit codes a worker uses to say why it stopped serving.
+EXIT_CODES = {
+    70: "lost its job pipe (something in the process closed or replaced it)",
+    71: "lost its event pipe (something in the process closed or replaced it)",
+}
+EXIT_JOB_PIPE, EXIT_EVENT_PIPE = 70, 71

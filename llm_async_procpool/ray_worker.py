@@ -17,7 +17,8 @@ import threading
 from typing import Any
 
 from . import threads
-from .messages import KINDS, TERMINAL_KINDS, Control, NeedModel, local_cells
+from .cells import Control, local
+from .messages import KINDS, TERMINAL_KINDS, NeedModel
 from .outbox import Outbox
 from .worker import Models, Server
 
@@ -36,7 +37,7 @@ class RayWorker:
         if not threads.user_pinned(environ):
             threads.patch_cpu_count(count)
         self._frames: queue.SimpleQueue = queue.SimpleQueue()
-        self._control = Control(local_cells())
+        self._control = Control(local())
         out = Outbox(self._put)
         budget = threads.Budget(self._control.cells, count, count)  # Ray gave it `count` CPUs
         self._server = Server(Models(), out, self._control, budget)

@@ -14,7 +14,8 @@ from typing import Any, Protocol
 
 import llm
 
-from .messages import WINDOW, WINDOW_BYTES, Control, Done, Failed, Job
+from .cells import WINDOW, WINDOW_BYTES, Control
+from .messages import Done, Failed, Job
 from .wire import capture_state, decode_job
 
 

@@ -28,7 +28,7 @@ def status() -> dict[str, Any]:
     from . import config
     from .errors import PoolConfigError
     from .pools import live_pools
-    from .pools.launch import CAN_SHARE, START_METHOD
+    from .pools.launch import CAN_FORK, CAN_SHARE
     from .threads import usable_cores
     from .twin import AsyncKeyTwin, AsyncTwin
 
@@ -53,7 +53,7 @@ def status() -> dict[str, Any]:
             "share": pool.share and CAN_SHARE,
             "api_workers": settings.api_workers,
             "models": dict(settings.models),
-            "start_method": START_METHOD,
+            "process_pool": "available" if CAN_FORK else "not available on this platform",
         }
     twins, native = [], []
     for entry in llm.get_models_with_aliases():

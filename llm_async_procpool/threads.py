@@ -22,7 +22,7 @@ import os
 import sys
 from typing import Any
 
-from .messages import BUSY
+from .cells import BUSY
 
 KNOBS = (
     "OMP_NUM_THREADS",

@@ -32,7 +32,7 @@ import llm
 
 from . import channel
 from .errors import PromptNotSendable, RemoteError, RemoteTraceback, ReplyNotSendable
-from .messages import ConversationSpec, ErrorCopy, Job, PromptSpec, ResponseState, Turn
+from .messages import ConversationSpec, ErrorCopy, Failed, Job, PromptSpec, ResponseState, Turn
 
 #: What the installed llm offers (the parent and its workers share one install).
 HAS_TO_DICT = hasattr(llm.Response, "to_dict") and hasattr(llm, "Message")
@@ -183,6 +183,25 @@ def apply_state(state: ResponseState, response: Any, tool_calls: bool = True) ->
         response._prompt_json = state.prompt_json
     if state.attachments:
         response.attachments = list(state.attachments)
+
+
+def decode_event(kind: int, payload: bytes, model_id: str) -> Any:
+    """An event from a worker, as the consumer gets it: a ``Failed`` carries the
+    model's own exception class where this process can import it, and an
+    event that cannot be read here becomes a ``Failed`` that says so."""
+    try:
+        event = pickle.loads(payload)
+    except Exception as error:
+        return Failed(
+            0,
+            RemoteError(
+                type(error).__name__,
+                f"A reply from model {model_id!r} could not be read in this process: {error}",
+            ),
+        )
+    if type(event) is Failed:
+        event.error = rebuild_error(event.error, event.traceback)
+    return event
 
 
 def rebuild_error(error: BaseException | ErrorCopy, traceback_text: str) -> BaseException:

@@ -1,55 +1,40 @@
 """What runs in a worker process: its set-up, its model cache and its serve loop.
 
-A worker reads ``Job`` frames from its job pipe until the parent closes it,
-runs each with ``runner.run_job`` and writes events to its event pipe through
-an ``Outbox``. Nothing a model does (an unpicklable chunk, reply or
-exception, an exception whose ``__str__`` raises) may stop the loop: every
+A worker is forked from the pool's zygote (``zygote.py``) or from a model's
+template (``template.py``). It reads frames from its job pipe until the app
+closes it: a ``Context`` (the app's directory and environment changed), or a
+``Job``, which it runs with ``runner.run_job``, writing events to its event
+pipe through an ``Outbox``. Nothing a model does (an unpicklable chunk, reply
+or exception, an exception whose ``__str__`` raises) may stop the loop: every
 job ends with exactly one terminal event.
 """
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import os
 import pickle
-import signal
 import sys
-import threading
-import time
 import traceback
-from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
 import llm
 
-from . import channel, threads
+from . import channel, child, threads
+from .cells import Control
 from .errors import ModelNotLoadable
-from .messages import Control, Failed, Job, NeedModel
+from .messages import (
+    EXIT_CODES,
+    EXIT_EVENT_PIPE,
+    EXIT_JOB_PIPE,
+    Boot,
+    Context,
+    Failed,
+    Job,
+    NeedModel,
+)
 from .outbox import Frame, Outbox
 from .runner import run_job
-
-#: Seconds between checks that the parent is still alive (the fallback lifeline).
-PARENT_CHECK = 0.5
-PR_SET_PDEATHSIG = 1
-
-
-@dataclass
-class Boot:
-    """What a worker (or template) process is started with."""
-
-    jobs: Any  # the read end of the job pipe: a Connection, or an fd once detached
-    events: Any  # the write end of the event pipe
-    cells: Any  # the pool's shared control cells
-    index: int  # this worker's cells
-    environ: dict[str, str]
-    nice: int
-    threads: int  # the static thread share: cores // workers
-    fixed_threads: int | None  # LLM_ASYNC_POOL_THREADS, or None for auto
-    cores: int
-    parent: int  # the app's pid
-    inherited: bool = False  # forked from the app: it holds the app's own classes
 
 
 class Models:
@@ -123,34 +108,61 @@ class Server:
 class Worker(Server):
     """A worker process: its pipes, its cells, and its serve loop."""
 
-    def __init__(self, boot: Boot, models: Models | None = None):
-        self.jobs = _fd(boot.jobs)
-        self.events = _fd(boot.events)
-        control = Control(boot.cells, boot.index)
-        control.mark_started()
+    def __init__(self, boot: Boot, cells: Any, index: int, jobs: int, events: int, models: Models):
+        self.jobs, self.events = jobs, events
+        self.threads = boot.threads
         budget = None
         if not threads.user_pinned(boot.environ):
-            budget = threads.Budget(boot.cells, boot.cores, boot.fixed_threads)
-        super().__init__(models or Models(boot.inherited), Outbox(self._write), control, budget)
+            budget = threads.Budget(cells, boot.cores, boot.fixed_threads)
+        super().__init__(models, Outbox(self._write), Control(cells, index), budget)
 
     def _write(self, frames: list[Frame]) -> int:
         try:
             return channel.write_frames(self.events, frames)
-        except OSError:  # the parent closed the pipe: nobody is left to serve
+        except BrokenPipeError:  # the app closed the pipe: nobody is left to serve
             os._exit(0)
+        except OSError as error:
+            lost(EXIT_EVENT_PIPE, error)
 
     def serve(self) -> None:
-        """Run jobs until the parent closes the job pipe."""
+        """Run jobs until the app closes the job pipe."""
         while True:
             try:
                 frame = channel.read_frame(self.jobs)
-            except OSError:
-                frame = None
+            except OSError as error:
+                lost(EXIT_JOB_PIPE, error)
             if frame is None:
                 return
-            seq, _kind, payload = frame
+            seq, kind, payload = frame
             del frame
-            self.handle(seq, payload)
+            if kind == channel.CONTEXT:
+                enter(pickle.loads(payload), self.threads)
+            else:
+                self.handle(seq, payload)
+
+
+def enter(context: Context, share: int) -> None:
+    """Take on the app's directory and environment, changing only what changed
+    (another thread may read the environment meanwhile)."""
+    try:
+        os.chdir(context.cwd)
+    except OSError:
+        pass
+    wanted = threads.environment(context.environ, share)
+    for name in [name for name in os.environ if name not in wanted]:
+        del os.environ[name]
+    for name, value in wanted.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
+
+
+def lost(code: int, error: OSError) -> None:
+    """A pipe failed under us: say so, and exit with a code the pool explains."""
+    print(
+        f"llm-async-procpool: worker {os.getpid()} {EXIT_CODES[code]}: {error}",
+        file=sys.stderr,
+    )
+    os._exit(code)
 
 
 def class_name(model: Any) -> str:
@@ -194,119 +206,18 @@ def _not_loadable(error: BaseException) -> BaseException:
     return error
 
 
-def _fd(end: Any) -> int:
-    """A raw fd from what we were given: an fd, or a multiprocessing Connection."""
-    if isinstance(end, int):
-        return end
-    fd = os.dup(end.fileno())
-    end.close()
-    return fd
-
-
 # ----------------------------------------------------------------- set-up
-def prepare(boot: Boot, threads_now: int) -> None:
-    """Make this process a quiet, well-behaved child before any model code runs."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C is the parent's to handle
-    if boot.nice and hasattr(os, "nice"):  # the parent's event loop wins the CPU
-        os.nice(boot.nice)
-    die_with_parent()
-    _drop_forkserver_lifeline()
-    os.environ.clear()
-    os.environ.update(threads.environment(boot.environ, threads_now))
+def main(boot: Boot, cells: Any, index: int, jobs: int, events: int, models: Models) -> None:
+    """A worker forked from the zygote or a template: serve until told to stop."""
+    child.die_with_parent()
+    setup(boot)
+    Worker(boot, cells, index, jobs, events, models).serve()
+
+
+def setup(boot: Boot) -> None:
+    """Take this worker's thread share; watch the app."""
+    os.environ.update(threads.environment(boot.environ, boot.threads))
     if not threads.user_pinned(boot.environ):
         threads.patch_cpu_count(boot.threads)
     sys.setswitchinterval(0.001)  # lets the outbox flusher in within MAX_HOLD
-
-
-def die_with_parent() -> None:
-    """Be killed by the kernel when the process that forked us dies (Linux).
-
-    Needs no thread and no GIL, so it works even while the model sits in a C
-    call. The forkserver exits when the app does (nothing else holds its
-    lifeline: see ``_drop_forkserver_lifeline``), and templates' children
-    follow their template.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    expected = os.getppid()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != expected:  # it died before the call took effect
-        os._exit(0)
-
-
-def _drop_forkserver_lifeline() -> None:
-    """Close our copy of the forkserver's alive pipe, so it exits with the app."""
-    try:
-        from multiprocessing import forkserver
-
-        server = forkserver._forkserver
-        fd = getattr(server, "_forkserver_alive_fd", None)
-        if fd is not None:
-            server._forkserver_alive_fd = None
-            server._forkserver_address = None
-            os.close(fd)
-    except Exception:
-        pass
-
-
-def watch_parent(parent: int) -> None:
-    """A fallback lifeline: exit soon after the app dies, where the kernel's
-    parent-death signal cannot tell (another platform, or a forkserver kept
-    alive by the app's own processes)."""
-
-    def watch() -> None:
-        while True:
-            time.sleep(PARENT_CHECK)
-            if not _alive(parent):
-                os._exit(0)
-
-    threading.Thread(target=watch, name="lifeline", daemon=True).start()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a dead parent not yet reaped is a zombie
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def close_inherited_fds(keep: set[int]) -> None:
-    """Close every fd a process forked from the app inherited but does not use:
-    the app's sockets, files and pipes (a pipe to one of its subprocesses, held
-    open here, would keep that subprocess from ever seeing end of file).
-
-    ``gc.freeze()`` first: the app's objects stay alive, never collected, so
-    none of them closes a number that is reused by then.
-    """
-    gc.freeze()
-    try:
-        open_fds = [int(name) for name in os.listdir("/proc/self/fd")]
-    except OSError:
-        return
-    for fd in open_fds:
-        if fd > 2 and fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-
-def main(boot: Boot) -> None:
-    """Entry point of a worker process started by multiprocessing."""
-    prepare(boot, boot.threads)
-    watch_parent(boot.parent)
-    worker = Worker(boot)
-    if boot.inherited:  # forked from the app: let go of its files and sockets
-        close_inherited_fds({worker.jobs, worker.events})
-    worker.serve()
+    child.watch_parent(boot.parent)

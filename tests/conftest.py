@@ -78,3 +78,20 @@ def ray_cluster(tmp_path_factory):
         shutdown_pools()
         ray.shutdown()
         cluster.shutdown()
+
+
+#: Event loops every async test runs under (PROCPOOL_TEST_LOOPS=asyncio,uvloop by default).
+LOOPS = os.environ.get("PROCPOOL_TEST_LOOPS", "asyncio,uvloop").split(",")
+
+
+def pytest_asyncio_loop_factories(config, item):
+    import asyncio
+
+    factories = {"asyncio": asyncio.new_event_loop}
+    try:
+        import uvloop
+
+        factories["uvloop"] = uvloop.new_event_loop
+    except ImportError:
+        pass
+    return {name: factories[name] for name in LOOPS if name in factories}

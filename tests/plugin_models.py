@@ -235,7 +235,9 @@ class Weights(llm.Model):
         yield f"loaded in {os.getpid()} "
         time.sleep(prompt.options.pause)
         if prompt.options.report_threads:
+            yield ""  # the thread budget adjusts between chunks: after the pause
             yield json.dumps(thread_report())
+            time.sleep(prompt.options.pause)  # busy until the others have reported too
 
 
 def thread_report():

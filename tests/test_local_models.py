@@ -200,7 +200,7 @@ def test_a_native_library_imported_later_gets_the_share_too(monkeypatch):
     import types
 
     from llm_async_procpool import threads
-    from llm_async_procpool.messages import BUSY
+    from llm_async_procpool.cells import BUSY
 
     applied = []
     monkeypatch.setattr(threads, "limit", applied.append)

@@ -158,6 +158,7 @@ async def test_keys_reach_the_model_and_stay_out_of_rays_logs(ray_pool, monkeypa
     assert found.stdout == ""
 
 
+@pytest.mark.asyncio(loop_factories=["asyncio"])  # it removes the second node for good
 async def test_removing_a_node_mid_prompt_gives_worker_crashed(ray_pool):
     cluster, worker_node = ray_pool
     await asyncio.gather(*(probe().prompt(str(i), chunks=1).text() for i in range(2)))

@@ -30,7 +30,7 @@ from llm_async_procpool import (
     WorkerCrashed,
     live_pools,
 )
-from llm_async_procpool.messages import WINDOW
+from llm_async_procpool.cells import WINDOW
 from llm_async_procpool.outbox import MAX_BATCH
 
 

@@ -7,10 +7,16 @@ settings no prompt uses any more do not pile up. At interpreter exit every
 pool is shut down before ``concurrent.futures`` and ``multiprocessing`` join
 their threads and children; from then on a prompt fails at once with
 ``PoolClosed``.
+
+A process forked from the app (a server's worker, a ``multiprocessing``
+child) starts with an empty registry: it forgets the pools it inherited
+without touching them, closing only its copies of their descriptors, so the
+parent's workers and prompts never see it. Its first prompt starts its own.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 
 from ..config import PoolSettings
@@ -37,6 +43,24 @@ def get_pool(settings: PoolSettings) -> Pool:
         if pool is None or pool.closed:
             pool = _live[settings] = _make(settings)
         return pool
+
+
+def _forget_inherited() -> None:
+    """In the child of a fork (registered with ``os.register_at_fork``)."""
+    global _lock
+    pools = list(_live.values())
+    _live.clear()
+    _lock = threading.Lock()  # another thread may have held it at the fork
+    _state["exiting"] = False  # the exit hook itself was inherited
+    for pool in pools:
+        try:
+            pool.forget()
+        except Exception:
+            pass
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_inherited)
 
 
 def _make(settings: PoolSettings) -> Pool:

@@ -11,7 +11,11 @@ idle worker writes nothing, and nobody needs to read.
 (asyncio's are not thread-safe), so a loop reconciles itself with ``want``
 when poked, and a registration no longer wanted removes itself at its next
 wake, without reading. The fd is closed only when no loop and no reactor
-holds it, so a recycled fd number is never mistaken for this one.
+holds it, so a recycled fd number is never mistaken for this one. When the
+worker has gone while a loop still holds it (a stopped loop never runs its
+callbacks), ``/dev/null`` takes its number, so the pipe itself is let go at
+once; the number is freed when that loop closes or is collected
+(``prune``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import weakref
 from asyncio import events
 from collections.abc import Callable
 
@@ -41,7 +46,7 @@ class Inbox:
         self._reading = threading.Lock()  # one reader at a time, frames in order
         self._lock = threading.Lock()
         self.want: asyncio.AbstractEventLoop | Reactor | None = None
-        self._loops: set[asyncio.AbstractEventLoop] = set()  # registered on these
+        self._loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
         self._reactor_holds = 0  # reactor registrations not yet undone
         self._closing = False
         self._reactor = reactor  # the pool's reactor, once it has one
@@ -56,8 +61,7 @@ class Inbox:
     def to_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """The prompt's consumer loop reads; the reactor if that loop is closed,
         or cannot watch a pipe (Windows' proactor loop)."""
-        with self._lock:  # a closed loop's registration went with its selector
-            self._loops = {held for held in self._loops if not held.is_closed()}
+        self._drop_closed_loops()
         if self._set(loop) and not self._poke(loop):
             self.to_reactor()
 
@@ -96,7 +100,34 @@ class Inbox:
             old.unwatch(self.fd, self._reactor_let_go)
         for loop in loops:
             self._poke(loop)
+        with self._lock:
+            held = self.fd >= 0 and (self._loops or self._reactor_holds)
+            if held:  # let the pipe go now; its number stays taken until freed
+                devnull = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(devnull, self.fd)
+                os.close(devnull)
         self._close_if_free()
+
+    def prune(self) -> bool:
+        """After ``close``: free the fd once the loops that held it have closed
+        or been collected. True while it is still held."""
+        self._drop_closed_loops()
+        self._close_if_free()
+        return self.fd >= 0
+
+    def forget(self) -> None:
+        """In a forked copy of the app: close our copy of the fd, nothing else."""
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = -1
+
+    def _drop_closed_loops(self) -> None:
+        with self._lock:  # a closed loop's registration went with its selector
+            for loop in [held for held in self._loops if held.is_closed()]:
+                self._loops.discard(loop)
 
     def _set(self, want: asyncio.AbstractEventLoop | Reactor | None) -> bool:
         with self._lock:

@@ -1,138 +1,45 @@
-"""How worker and template processes start, and how the parent watches and stops them.
+"""How the pool starts its processes, watches them and stops them.
 
-A process is started by ``multiprocessing``: with the **fork** start method
-while this process has a single thread (a fresh ``llm`` CLI run, a plain
-script), which is safe then and costs a millisecond because the child already
-has llm and its plugins; otherwise with **forkserver** (spawn where the
-platform has no forkserver), because forking a process with threads can copy
-a lock some thread holds. A worker for a model with a template is forked by
-that template (``template.py``) instead.
+    pool (this module)                  zygote (zygote.py)           template (template.py)
+    Zygote(boot)   --fork or exec-->    loads llm; Ready
+    Forker.fork(Fork, fds, then) -->    forks a worker or a          forks workers the
+                                        template candidate           same way
+    then(Handle)  <--------------------  Forked(pid) + status pipe
 
-Every process gets a ``Handle``: its pid, a sentinel fd that becomes readable
-when it exits (checked by the pool's reactor, whatever the process did with
-its pipes), its exit code, and a kill that cannot hit a recycled pid.
+Every child has a ``Handle``: its pid; a sentinel, the status pipe its
+forker writes the child's exit code to when it reaps it (empty if the forker
+itself died); and a kill that cannot hit a recycled pid (through a pidfd on
+Linux; elsewhere by pid, checked first against the sentinel: the pid is not
+free until its forker has reaped it and said so).
 """
 
 from __future__ import annotations
 
-import contextlib
-import multiprocessing
 import os
+import pickle
 import select
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
-from multiprocessing.connection import Connection
+from collections import deque
+from collections.abc import Callable
 from typing import Any
 
-from .. import template, threads, worker
-from ..template import STATUS
+from .. import threads, zygote
+from ..forks import STATUS, receive
+from ..messages import EXIT_CODES, Boot, Fork, Forked
 
-START_METHOD = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-PRELOAD = "llm_async_procpool._forkserver"
-#: Templates need fork, SCM_RIGHTS on SOCK_SEQPACKET and pidfds: Linux.
-CAN_SHARE = (
-    sys.platform.startswith("linux")
-    and hasattr(os, "pidfd_open")
-    and hasattr(socket, "send_fds")
-    and hasattr(signal, "pidfd_send_signal")
+#: The zygote needs fork and fd passing on Unix sockets: Linux, macOS, the BSDs.
+CAN_FORK = hasattr(os, "fork") and hasattr(socket, "send_fds") and hasattr(socket, "AF_UNIX")
+#: Templates also need to know a child's threads and descriptors (Linux /proc).
+CAN_SHARE = CAN_FORK and sys.platform.startswith("linux")
+BOOTSTRAP = (
+    "import sys; sys.path.insert(0, {root!r}); "
+    "from llm_async_procpool import zygote; zygote.main({fd})"
 )
-
-
-class Handle:
-    """A worker or template process, as the parent sees it."""
-
-    pid: int
-    sentinel: int
-
-    def exit_code(self, timeout: float = 1.0) -> int | None: ...
-    def kill(self) -> None: ...
-    def close(self) -> None: ...
-
-
-class ProcessHandle(Handle):
-    """A process started by ``multiprocessing`` (fork, forkserver or spawn)."""
-
-    def __init__(self, process: multiprocessing.process.BaseProcess):
-        self.process = process
-        self.pid = process.pid
-        # A pidfd where there is one: it fires when the process ends, whatever
-        # became of the pipe behind multiprocessing's own sentinel (a process
-        # forked from the app closes the fds it inherited, that pipe among them).
-        self.pidfd = os.pidfd_open(process.pid) if hasattr(os, "pidfd_open") else -1
-        self.sentinel = self.pidfd if self.pidfd >= 0 else process.sentinel
-
-    def exit_code(self, timeout: float = 1.0) -> int | None:
-        self.process.join(timeout)
-        return self.process.exitcode
-
-    def kill(self) -> None:
-        try:
-            self.process.kill()
-        except (OSError, AttributeError, ValueError):
-            pass
-
-    def close(self) -> None:
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1
-        try:
-            self.process.close()
-        except ValueError:  # still running: it is being killed
-            pass
-
-
-class ForkedHandle(Handle):
-    """A worker forked by a template: a pidfd, and the template's status pipe."""
-
-    def __init__(self, pid: int, status: int):
-        self.pid = pid
-        self.sentinel = os.pidfd_open(pid)
-        self._status = status
-        self._code: int | None = None
-
-    def exit_code(self, timeout: float = 1.0) -> int | None:
-        if self._status >= 0:
-            ready, _, _ = select.select([self._status], [], [], timeout)
-            if ready:
-                data = os.read(self._status, STATUS.size)
-                if len(data) == STATUS.size:
-                    (self._code,) = STATUS.unpack(data)
-            os.close(self._status)
-            self._status = -1
-        return self._code
-
-    def kill(self) -> None:
-        try:
-            signal.pidfd_send_signal(self.sentinel, signal.SIGKILL)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        for fd in (self.sentinel, self._status):
-            if fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        self.sentinel = self._status = -1
-
-
-class Pipes:
-    """A worker's job and event pipes: the parent's ends as fds, the child's as
-    Connections, which ``multiprocessing`` knows how to hand to a child."""
-
-    def __init__(self):
-        child_jobs, self.jobs = os.pipe()
-        self.events, child_events = os.pipe()
-        self.child_jobs = Connection(child_jobs, writable=False)
-        self.child_events = Connection(child_events, readable=False)
-
-    def close_child_ends(self) -> None:
-        self.child_jobs.close()
-        self.child_events.close()
 
 
 def fork_safe() -> bool:
@@ -140,91 +47,206 @@ def fork_safe() -> bool:
     return threading.active_count() == 1 and threads.forkable()
 
 
-def context() -> multiprocessing.context.BaseContext:
-    if CAN_SHARE and fork_safe():
-        return multiprocessing.get_context("fork")
-    ctx = multiprocessing.get_context(START_METHOD)
-    if START_METHOD == "forkserver":
-        _preload_forkserver(ctx)
-    return ctx
+class Pipes:
+    """A worker's job and event pipes: our ends, and the child's (sent to its forker)."""
 
+    def __init__(self):
+        self.child_jobs, self.jobs = os.pipe()
+        self.events, self.child_events = os.pipe()
 
-def start(target: Any, boot: worker.Boot, extra: tuple, pipes: Pipes, name: str) -> ProcessHandle:
-    """Start a process; the parent keeps only its own pipe ends."""
-    ctx = context()
-    boot.jobs, boot.events = pipes.child_jobs, pipes.child_events
-    boot.inherited = ctx.get_start_method() == "fork"
-    process = ctx.Process(target=target, args=(boot, *extra), name=name, daemon=False)
-    try:
-        with _single_threaded_forkserver(ctx):
-            process.start()
-    finally:
-        pipes.close_child_ends()
-    return ProcessHandle(process)
+    def child_ends(self) -> list[int]:
+        return [self.child_jobs, self.child_events]
 
-
-_START_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _single_threaded_forkserver(ctx: multiprocessing.context.BaseContext):
-    """Start the forkserver, if this start does, with native thread pools held
-    to one thread: it imports the main module (and through it, say, numpy)
-    before anything of ours runs, and every process is forked from it."""
-    from multiprocessing import forkserver
-
-    if ctx.get_start_method() != "forkserver" or forkserver._forkserver._forkserver_pid:
-        yield
-        return
-    with _START_LOCK:
-        saved = {name: os.environ.get(name) for name in (*threads.KNOBS, "OMP_WAIT_POLICY")}
-        os.environ.update(threads.environment(dict(os.environ), 1))
-        try:
-            yield
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
-
-
-def start_worker(boot: worker.Boot, pipes: Pipes) -> ProcessHandle:
-    return start(worker.main, boot, (), pipes, "llm-async-pool-worker")
-
-
-class TemplateLink:
-    """The parent's end of a template candidate; the pool's reactor reads its replies."""
-
-    def __init__(self, boot: worker.Boot, pipes: Pipes):
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            self.handle = start(template.main, boot, (child_end,), pipes, "llm-async-pool-template")
-        finally:
-            child_end.close()
-        self.sock = parent_end
+    def close_child_ends(self) -> None:
+        for fd in (self.child_jobs, self.child_events):
+            _close(fd)
+        self.child_jobs = self.child_events = -1
 
     def close(self) -> None:
-        """The template exits when its socket closes; its workers then follow."""
+        self.close_child_ends()
+        for fd in (self.jobs, self.events):
+            _close(fd)
+        self.jobs = self.events = -1
+
+
+class Handle:
+    """A child of the zygote or of a template, as the pool sees it."""
+
+    def __init__(self, pid: int, status: int):
+        self.pid = pid
+        self.sentinel = status  # readable once it has exited
+        self.pidfd = -1
+        if hasattr(os, "pidfd_open"):
+            try:
+                self.pidfd = os.pidfd_open(pid)
+            except OSError:  # already gone: the sentinel says so
+                pass
+        self._code: int | None = None
+        self._read = False
+
+    def ended(self) -> bool:
+        return self._read or _readable(self.sentinel, 0)
+
+    def exit_code(self, timeout: float = 1.0) -> int | None:
+        """Its exit code (negative: the signal that killed it); None if its
+        forker died before it could say."""
+        if not self._read and self.sentinel >= 0 and _readable(self.sentinel, timeout):
+            try:
+                data = os.read(self.sentinel, STATUS.size)
+            except OSError:
+                data = b""
+            if len(data) == STATUS.size:
+                (self._code,) = STATUS.unpack(data)
+            self._read = True
+        return self._code
+
+    def kill(self) -> None:
+        try:
+            if self.pidfd >= 0:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            elif not self.ended():
+                os.kill(self.pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for fd in (self.sentinel, self.pidfd):
+            _close(fd)
+        self.sentinel = self.pidfd = -1
+
+    forget = close  # in a forked copy of the app: only our copies of its fds go
+
+
+class Forker:
+    """Our end of a process that forks children on request: the zygote or a template.
+
+    Its answers come in the order of the requests; the pool's reactor calls
+    ``receive`` when the socket is readable.
+    """
+
+    def __init__(self, sock: socket.socket, pid: int):
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.pid = pid
+        self.pending: deque[Callable[[Handle | None], None]] = deque()
+        self.ended = False  # its socket closed: it died, or it no longer forks
+        self.problem = ""  # what it said went wrong, if anything
+
+    def fork(self, request: Fork, fds: list[int], then: Callable[[Handle | None], None]) -> None:
+        """Ask for a child; ``then`` gets its Handle, or None if none will come."""
+        self.pending.append(then)
+        try:
+            socket.send_fds(self.sock, [pickle.dumps(request)], fds)
+        except OSError:
+            pass  # it is dying: its end of file fails the request
+
+    def receive(self) -> list[Any]:
+        """Read what has come; answers to ``fork`` go to their callers, the
+        other messages are returned. At end of file every open request fails."""
+        messages = []
+        while not self.ended:
+            try:
+                data, fds = receive(self.sock, wait=False)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                data, fds = b"", []
+            if not data:
+                self.ended = True
+                while self.pending:
+                    self.pending.popleft()(None)
+                break
+            message = pickle.loads(data)
+            if type(message) is Forked and self.pending:
+                then = self.pending.popleft()
+                if message.pid > 0:
+                    then(Handle(message.pid, fds[0]))
+                else:
+                    for fd in fds:
+                        _close(fd)
+                    then(None)
+            else:
+                messages.append(message)
+        return messages
+
+    def close(self) -> None:
+        """It exits when its socket closes; its children follow."""
         try:
             self.sock.close()
         except OSError:
             pass
 
+    forget = close
 
-def _preload_forkserver(ctx: multiprocessing.context.BaseContext) -> None:
-    """Add our warm-up module to the forkserver's preload list, keeping the
-    user's entries. It takes effect only if the forkserver has not started yet."""
-    from multiprocessing import forkserver
 
-    current = list(getattr(forkserver._forkserver, "_preload_modules", ["__main__"]))
-    if PRELOAD not in current:
-        ctx.set_forkserver_preload([*current, PRELOAD])
+class Zygote(Forker):
+    """The pool's zygote: forked from the app while that is safe, else executed."""
+
+    def __init__(self, boot: Boot, cells_fd: int, cells: Any):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.popen: subprocess.Popen | None = None
+        self.forked = fork_safe()
+        try:
+            if self.forked:
+                boot.inherited = True
+                pid = os.fork()
+                if pid == 0:
+                    ours.close()
+                    zygote.start_forked(boot, theirs, cells)
+            else:
+                root = os.path.dirname(os.path.dirname(os.path.dirname(zygote.__file__)))
+                self.popen = subprocess.Popen(
+                    [sys.executable, "-c", BOOTSTRAP.format(root=root, fd=theirs.fileno())],
+                    pass_fds=(theirs.fileno(),),
+                    env=threads.environment(dict(os.environ), 1),
+                    stdin=subprocess.DEVNULL,
+                )
+                pid = self.popen.pid
+                socket.send_fds(ours, [pickle.dumps(boot)], [cells_fd])
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        super().__init__(ours, pid)
+
+    def close(self) -> None:
+        """It exits when its socket closes; wait for that (briefly), so no zombie is left."""
+        super().close()
+        self.reap(1.0)
+
+    def reap(self, timeout: float = 0.0) -> int | None:
+        """Its exit code, once it has exited (collected, so no zombie is left)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.popen is not None:
+                    code = self.popen.poll()
+                    if code is not None:
+                        return code
+                else:
+                    pid, status = os.waitpid(self.pid, os.WNOHANG)
+                    if pid:
+                        return os.waitstatus_to_exitcode(status)
+            except (ChildProcessError, OSError):
+                return None
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.005)
+
+    def kill(self) -> None:
+        try:
+            if self.popen is not None:
+                self.popen.kill()
+            elif not self.ended:
+                os.kill(self.pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def wait_all(handles: list[Handle], deadline: float) -> None:
     """Wait until every process has exited, or the deadline passes."""
-    pending = [h.sentinel for h in handles if h.sentinel is not None and h.sentinel >= 0]
+    pending = [h.sentinel for h in handles if h.sentinel >= 0 and not h.ended()]
     while pending:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -236,25 +258,34 @@ def wait_all(handles: list[Handle], deadline: float) -> None:
         pending = [fd for fd in pending if fd not in ready]
 
 
-def abandon(handle: Handle, *closers: Any) -> None:
-    """Kill a process started after shutdown, and let go of its ends."""
-    handle.kill()
-    for close in closers:
-        try:
-            close() if callable(close) else os.close(close)
-        except OSError:
-            pass
-    handle.exit_code(1.0)
-
-
 def describe_exit(code: int | None) -> str:
     """An exit code in words, for a crash report."""
     if code is None:
-        return "stopped responding"
+        return "ended when the process it was forked from ended"
     if code < 0:
         try:
             name = signal.Signals(-code).name
         except ValueError:
             name = f"signal {-code}"
         return f"was killed by {name} (exit code {code})"
+    if code in EXIT_CODES:
+        return f"{EXIT_CODES[code]} (exit code {code})"
     return f"exited with code {code}"
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    if fd < 0:
+        return True
+    try:
+        ready, _, _ = select.select([fd], [], [], timeout)
+    except (OSError, ValueError):
+        return True
+    return bool(ready)
+
+
+def _close(fd: int) -> None:
+    if fd >= 0:
+        try:
+            os.close(fd)
+        except OSError:
+            pass

@@ -1,384 +1,424 @@
 """Where a prompt crosses into a worker process, and how its events come back.
 
-    parent                                      worker process
-    submit() -> queue -> _dispatch()
-      --job pipe: Job frame------------------->  Worker.serve() -> run_job() -> execute()
-    Run <- Inbox, on the consumer's loop <----  Outbox: Chunks..., Done | Failed
-    Run.close() --shared cells: stop seq------>  stops before the next chunk
+    app                                            worker process
+    submit() -> Placement -> _begin()
+      --job pipe: [Context] Job frame------------>  Worker.serve() -> run_job() -> execute()
+    Run <- Inbox, on the consumer's loop <-------  Outbox: Chunks..., Done | Failed
+    Run.close() --cells: stop seq--------------->  stops before the next chunk
 
-Prompts wait in one queue. ``_dispatch`` gives each to an idle worker that
-has its model loaded, else starts a worker for it while there is room, else
-to any idle worker. A model's first load happens once: while it is under way,
-other prompts for that model wait for it instead of loading it elsewhere
-(so weights are downloaded once, and memory never holds N half-loaded
-copies). Where it is safe, that first load happens in a template process
-(``templates.py`` here, ``template.py`` in that process) and every worker for
-the model is forked from it, sharing its memory.
-
-A running prompt's events are read on its consumer's event loop
-(``inbox.py``). One reactor thread (``reactor.py``) watches every process's
-sentinel, so a death is noticed from the process itself even if a helper it
-forked still holds its pipes; it also reads a pipe nobody else will (after a
-cancel, or when the consumer's loop closed). Crashes, timeouts, grace-period
-kills, idle retirement and recycling all end in the same bookkeeping: the
-slot's capacity comes back and the queue moves on, whatever happened to the
-event loop that submitted the prompt.
+``placement`` decides where each prompt goes; this module carries the
+decisions out and reports back what happened. Workers and templates are
+forked by the pool's zygote (``launch``); a worker's state is a ``Slot``
+(``slots``), a model's template a ``Template`` (``templates``). Events are
+read on the consumer's loop (``inbox``). The pool's one thread, the
+``reactor``, sees processes exit, reads the zygote's and templates' answers,
+and runs the timers: time limits, kills after a grace period, idle
+retirement.
 """
 
 from __future__ import annotations
 
-import itertools
-import multiprocessing
 import os
 import pickle
-import threading
+import socket
+import sys
 import time
-from collections import deque
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
-import llm
 
-from .. import channel, threads
-from ..config import MAX_WORKERS, Settings, api_backed
-from ..errors import PoolClosed, PromptNotSendable, RemoteError, WorkerCrashed
+from .. import cells, channel, threads
+from ..cells import BUSY, Control
+from ..config import MAX_WORKERS, api_backed
+from ..errors import PoolClosed, PoolConfigError, PromptNotSendable, PromptTimeout, WorkerCrashed
 from ..messages import (
-    BUSY,
-    CELLS,
     KINDS,
-    POOL_CELLS,
     TERMINAL_KINDS,
+    Boot,
     Chunks,
-    Control,
+    Context,
     Done,
     Failed,
-    Job,
+    Fork,
     NeedModel,
+    Ready,
+    Warmed,
 )
-from ..wire import dumps_job, rebuild_error
-from ..worker import Boot
+from ..wire import decode_event, dumps_job
 from . import launch
-from .base import Memory, Pool, WorkerInfo, available_memory, memory, total_memory
+from .base import Memory, Pool, Task, WorkerInfo, available_memory, memory, total_memory
 from .inbox import Frames, Inbox
+from .placement import Begin, ForkFrom, Placement, Retire, StartTemplate, StartWorker
 from .reactor import Reactor
-from .run import Dispatched, Run, stop_allowance
-from .templates import Template, TemplateHost
+from .slots import Slot, State
+from .templates import State as TemplateState
+from .templates import Template
 
-STARTUP_HINT = (
-    " It died while starting, before any of its own code ran: see its traceback on"
-    " stderr. If it names your main module, keep the script's top-level code under"
-    " `if __name__ == '__main__':`, because workers started by spawn or forkserver"
-    " import the main module again."
-)
 #: Jobs larger than this are written from a helper thread, not under the lock.
 INLINE_JOB = 60_000
 #: Seconds a running prompt gets to stop when the pool shuts down (at most its grace).
 SHUTDOWN_GRACE = 1.0
-#: Seconds a retired worker gets to exit on its own before it is killed.
-RETIRE_GRACE = 5.0
-#: Seconds between checks that a running prompt's event loop has not closed.
-LOOP_CHECK = 1.0
+#: Seconds between two looks at the timers while the pool has processes, at most.
+TICK = 1.0
 #: A new worker starts by default only while this share of memory stays available.
 KEEP_FREE = 0.5
 CHUNKS = KINDS[Chunks]
 NEED_MODEL = KINDS[NeedModel]
 
 
-@dataclass(eq=False)
-class Pending:
-    """A prompt waiting for a worker."""
-
-    job: Job
-    model: llm.Model
-    run: Run
-    payload: bytes
-    settings: Settings
-    slot: Slot | None = None
-    requested: bool = False  # it asked for a new worker
-
-
-@dataclass
-class ModelState:
-    """What the pool knows of one model (by ``Job.model_key``)."""
-
-    loading: Any = None  # who is doing the first load: a Slot or a Template
-    warm: bool = False  # a first load has finished somewhere
-    template: Template | None = None
-    shareable: bool | None = None
-    reason: str = ""
-
-
-class Slot:
-    """One worker process: its handle, its pipes, its cells and its current job."""
-
-    def __init__(
-        self, pool: ProcessPool, handle: launch.Handle, jobs: int, events: int, index: int
-    ):
-        self.handle = handle
-        self.pid = handle.pid
-        self.jobs = jobs
-        self.inbox = Inbox(
-            events, lambda frames: pool._on_events(self, frames), lambda: pool._reactor
-        )
-        self.index = index
-        self.control = Control(pool.cells, index)
-        self.models: set[str] = set()
-        self.item: Pending | None = None
-        self.cold = False  # the current job's model is not loaded here yet
-        self.heard = False  # an event of the current job has come back
-        self.started = 0.0
-        self.idle_since: float | None = time.monotonic()
-        self.kill_at: float | None = None
-        self.served = 0
-        self.retired = False
-        self.gone = False  # its exit has been settled
-        self.template: Template | None = None
-        self.send_lock = threading.Lock()
-
-    @property
-    def run(self) -> Run | None:
-        return None if self.item is None else self.item.run
-
-    def send(self, seq: int, payload: bytes) -> None:
-        """Write one job; a dead worker is noticed by the reactor instead."""
-        try:
-            with self.send_lock:
-                channel.write_frame(self.jobs, seq, channel.JOB, payload)
-        except OSError:
-            pass
-
-
-class ProcessPool(TemplateHost, Pool):
+class ProcessPool(Pool):
     kind = "process"
 
     def __init__(self, settings):
         super().__init__(settings)
-        self.cells = multiprocessing.RawArray("q", POOL_CELLS + CELLS * MAX_WORKERS)
-        self._lock = threading.RLock()
+        self._cells_fd, self.cells = cells.shared(cells.size_for(MAX_WORKERS))
+        self._placement = Placement(self._room)
         self._slots: set[Slot] = set()
-        self._idle: list[Slot] = []
-        self._live = 0  # workers alive or starting, never above the capacity
-        self._queue: deque[Pending] = deque()
-        self._models: dict[str, ModelState] = {}
         self._templates: set[Template] = set()
+        self._starting: dict[int, launch.Pipes] = {}  # forks asked for, by cell index
+        self._lingering: set[Inbox] = set()  # pipes of gone workers a stopped loop holds
         self._indexes = list(range(MAX_WORKERS - 1, -1, -1))
-        self._seqs = itertools.count(1)
         self._cores = threads.usable_cores()
         self._worker_cost = 0  # the most private memory a loaded worker has needed
-        self._executor: ThreadPoolExecutor | None = None
+        self._zygote: launch.Zygote | None = None
+        self._zygote_ready = False
+        self._zygote_context: Context | None = None
         self._reactor: Reactor | None = None
+        self._helper: ThreadPoolExecutor | None = None
+        self._environ: dict | None = None
+        self._context: Context | None = None
         self._empty_since = time.monotonic()
+        self._next_tick = 0.0  # when the reactor will look at the timers next
 
     # ------------------------------------------------------------ submitting
-    async def submit(self, model: llm.Model, job: Job, settings: Settings) -> Run:
-        job.seq = next(self._seqs)
-        payload = dumps_job(job)  # fails here, before a worker is taken
-        item = Pending(job, model, None, payload, settings)  # type: ignore[arg-type]
-        item.run = Run(
-            job,
-            settings,
-            cancel=lambda: self._cancel(item),
-            take=lambda count, nbytes: self._take(item, count, nbytes),
-        )
+    def enqueue(self, task: Task) -> None:
+        task.context = self._current_context()
+        can_share = self.settings.share and launch.CAN_SHARE and not api_backed(task.model)
+        self._act(self._placement.submit(task, can_share))
+
+    def submitted(self) -> None:
+        """Start the reactor after any fork from this thread: no threads before it."""
         with self._lock:
-            if self.closed:
-                raise PoolClosed("The process pool has shut down")
-            self._queue.append(item)
-            self._dispatch()
-            if self._reactor is None:  # after a first fork, if any: no threads before it
+            if self._reactor is None and not self.closed:
                 self._reactor = Reactor(f"llm-async-pool-{id(self):x}", self._tick)
+                if self._zygote is not None:
+                    self._watch_forker(self._zygote, self._on_zygote)
                 for slot in self._slots:
-                    self._watch(slot)
+                    self._watch_exit(slot)
                     if slot.inbox.stranded:
                         slot.inbox.to_reactor()
-                for template in self._templates:
-                    self._watch_template(template)
-        return item.run
 
-    def _dispatch(self) -> None:
-        """Start every queued prompt that can start now (lock held)."""
-        if self.closed:
-            return
-        for item in list(self._queue):
-            if item.run.closed:
-                self._queue.remove(item)
-                continue
-            key = item.job.model_key
-            state = self._models.setdefault(key, ModelState())
-            slot = self._idle_with(key)
-            if slot is None and state.loading is None:
-                slot = self._make_room(item, state)
-            if slot is not None:
-                self._queue.remove(item)
-                self._begin(item, slot, state)
+    def _current_context(self) -> Context:
+        """The app's directory and environment now (a new object only when they changed)."""
+        cwd = os.getcwd()
+        raw = getattr(os.environ, "_data", os.environ)
+        context = self._context
+        if context is None or context.cwd != cwd or raw != self._environ:
+            self._environ = dict(raw)
+            context = self._context = Context(cwd, dict(os.environ))
+        return context
 
-    def _idle_with(self, key: str) -> Slot | None:
-        for slot in reversed(self._idle):
-            if key in slot.models:
-                self._idle.remove(slot)
-                return slot
-        return None
+    def _do(self, action: Any) -> None:
+        """Carry out one decision of placement (lock held)."""
+        if type(action) is Begin:
+            self._begin(action.task, action.slot, action.cold)
+        elif type(action) is StartWorker:
+            self._start_worker(action.key)
+        elif type(action) is StartTemplate:
+            self._start_template(action.key, action.task)
+        elif type(action) is ForkFrom:
+            self._fork_from(action.template, action.key)
+        elif type(action) is Retire:
+            action.slot.retire()
 
-    def _make_room(self, item: Pending, state: ModelState) -> Slot | None:
-        """Start a worker for ``item`` if there is room; or hand it any idle worker."""
-        template = state.template if state.template is not None and state.template.ready else None
-        if item.requested:
-            return None if template is not None or not self._idle else self._idle.pop()
-        if template is not None:
-            if not self._room():
-                if not self._idle:
-                    return None
-                self._retire(self._idle.pop(0))  # its room goes to a worker of this model
-            self._live += 1
-            item.requested = True
-            self._fork(template)
-            return None
-        fresh = next((slot for slot in self._idle if not slot.models), None)
-        if fresh is not None:  # a worker started for no model yet: this one
-            self._idle.remove(fresh)
-            return fresh
-        if self._room():
-            self._live += 1
-            item.requested = True
-            if self._can_share(item.model, state):
-                state.loading = "template"
-                self._later(self._start_template, item)
-            else:
-                self._later(self._start_worker)
-            return None
-        return self._idle.pop() if self._idle else None
+    def _begin(self, task: Task, slot: Slot, cold: bool) -> None:
+        slot.begin(task, cold)
+        self._wake_by(task.deadline)
+        self.cells[BUSY] += 1
+        slot.inbox.to_loop(task.run.loop)
+        frames = []
+        if slot.context is not task.context:
+            frames.append((0, channel.CONTEXT, pickle.dumps(task.context), 0))
+            slot.context = task.context
+        frames.append((task.seq, channel.JOB, task.payload, 0))
+        if sum(len(frame[2]) for frame in frames) <= INLINE_JOB:  # an idle worker's pipe is empty
+            slot.send(frames)
+        else:
+            self.later(slot.send, frames)
 
-    def _room(self) -> bool:
+    def _wake_by(self, deadline: float | None) -> None:
+        """Make sure the reactor checks again by ``deadline``; it already does
+        at least every ``TICK`` seconds while the pool has processes."""
+        if deadline is not None and deadline < self._next_tick and self._reactor is not None:
+            self._reactor.wake()
+
+    def _room(self, live: int) -> bool:
         """May another worker start? By default, one per usable core, while at
         least half of the machine's memory stays available after it."""
         if self.settings.workers is not None:
-            return self._live < self.settings.workers
-        if self._live >= self._cores:
+            return live < self.settings.workers
+        if live >= self._cores:
             return False
-        if self._live == 0 or not self._worker_cost:
+        if live == 0 or not self._worker_cost:
             return True
         free, total = available_memory(), total_memory()
         return free is None or not total or free - self._worker_cost >= KEEP_FREE * total
 
-    def _can_share(self, model: llm.Model, state: ModelState) -> bool:
-        return (
-            self.settings.share
-            and launch.CAN_SHARE
-            and not api_backed(model)  # its warm-up prompt would call the API
-            and state.shareable is not False
-        )
+    def later(self, function: Callable[..., Any], *args: Any) -> None:
+        """Run a blocking step off the event loop and off the reactor."""
+        if self._helper is None:
+            self._helper = ThreadPoolExecutor(2, thread_name_prefix="llm-async-pool-helper")
+        self._helper.submit(function, *args)
 
-    def _begin(self, item: Pending, slot: Slot, state: ModelState) -> None:
-        key = item.job.model_key
-        slot.item, item.slot = item, slot
-        slot.cold = key not in slot.models
-        slot.heard = False
-        slot.started = time.monotonic()
-        slot.idle_since = None
-        if slot.cold and not state.warm:
-            state.loading = slot
-        slot.control.reset()
-        self.cells[BUSY] += 1
-        item.run.deliver(Dispatched(cold=slot.cold))
-        slot.inbox.to_loop(item.run.loop)
-        if len(item.payload) <= INLINE_JOB:  # the idle worker's pipe is empty: no block
-            slot.send(item.job.seq, item.payload)
-        else:
-            self._later(slot.send, item.job.seq, item.payload)
+    # ------------------------------------------------------------ starting processes
+    def _zygote_now(self) -> launch.Zygote:
+        """The pool's zygote, started if it is not running (lock held)."""
+        if self._zygote is None or self._zygote.ended:
+            context = self._current_context()
+            boot = Boot(
+                environ=context.environ,
+                nice=self.settings.nice,
+                threads=self.settings.threads or max(1, self._cores // self._size()),
+                fixed_threads=self.settings.threads,
+                cores=self._cores,
+                parent=os.getpid(),
+                cells=cells.size_for(MAX_WORKERS),
+                path=list(sys.path),
+                cwd=context.cwd,
+                preload=_preload(),
+            )
+            self._zygote = launch.Zygote(boot, self._cells_fd, self.cells)
+            self._zygote_ready = False
+            self._zygote_context = context
+            if self._reactor is not None:
+                self._watch_forker(self._zygote, self._on_zygote)
+        return self._zygote
 
-    # ------------------------------------------------------------ starting workers
-    def _boot(self, index: int) -> Boot:
-        workers = self.settings.workers or self._cores
-        return Boot(
-            jobs=None,
-            events=None,
-            cells=self.cells,
-            index=index,
-            environ=dict(os.environ),
-            nice=self.settings.nice,
-            threads=self.settings.threads or max(1, self._cores // workers),
-            fixed_threads=self.settings.threads,
-            cores=self._cores,
-            parent=os.getpid(),
-        )
-
-    def _later(self, function: Any, *args: Any) -> None:
-        """Run a blocking step off the event loop and off the reactor.
-
-        While this process has one thread, a worker can be forked right here,
-        which is both safe and fast; the reactor starts only after that.
-        """
-        if self._reactor is None and function in (self._start_worker, self._start_template):
-            if launch.CAN_SHARE and launch.fork_safe():
-                function(*args)
-                return
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(4, thread_name_prefix="llm-async-pool-start")
-        self._executor.submit(function, *args)
-
-    def _start_worker(self) -> None:
-        index = self._take_index()
-        try:
-            pipes = launch.Pipes()
-            handle = launch.start_worker(self._boot(index), pipes)
-        except BaseException as error:
-            self._start_failed(index, error)
-            return
-        self._add_slot(handle, pipes.jobs, pipes.events, index)
+    def _size(self) -> int:
+        return self.settings.workers or self._cores
 
     def _take_index(self) -> int:
-        with self._lock:
-            index = self._indexes.pop()
-            Control(self.cells, index).clear()
-            return index
+        index = self._indexes.pop()
+        Control(self.cells, index).clear()
+        return index
 
-    def _start_failed(self, index: int, error: BaseException) -> None:
+    def _start_worker(self, key: str) -> None:
+        index, pipes = self._take_index(), launch.Pipes()
+        self._starting[index] = pipes
+        try:
+            zygote = self._zygote_now()
+        except Exception as error:
+            self._forked(None, pipes, index, key, None, error)
+            return
+        zygote.fork(
+            Fork("worker", index),
+            pipes.child_ends(),
+            lambda handle: self._forked(handle, pipes, index, key, None),
+        )
+        pipes.close_child_ends()
+
+    def _fork_from(self, template: Template, key: str) -> None:
+        index, pipes = self._take_index(), launch.Pipes()
+        self._starting[index] = pipes
+        template.fork_worker(
+            index, pipes, lambda handle: self._forked(handle, pipes, index, key, template)
+        )
+
+    def _forked(
+        self,
+        handle: launch.Handle | None,
+        pipes: launch.Pipes,
+        index: int,
+        key: str,
+        template: Template | None,
+        error: Exception | None = None,
+    ) -> None:
+        """A worker asked for has come (or will not)."""
+        failed = None
         with self._lock:
-            self._indexes.append(index)
-            self._live -= 1
-            waiting = [item for item in self._queue if item.requested]
-            for item in waiting:
-                self._queue.remove(item)
-        for item in waiting:
-            item.run.deliver(
-                Failed(item.job.seq, WorkerCrashed(f"Could not start a worker process: {error}"))
+            self._starting.pop(index, None)
+            if handle is None:
+                pipes.close()
+                self._indexes.append(index)
+                if template is not None:  # its template died: the prompt waits on
+                    actions = self._placement.fork_lost(key)
+                else:
+                    failed, actions = self._placement.start_failed(key)
+                self._act(actions)
+            else:
+                models = {key} if template is not None else set()
+                slot = self._add_slot(handle, pipes, index, models, template)
+                if template is not None:
+                    template.children += 1
+                if self.closed:  # shut down while it started: it must not outlive us
+                    slot.retire()
+                    handle.kill()
+                else:
+                    self._act(self._placement.arrived(slot, key))
+        if failed is not None:
+            reason = error or self._zygote_problem()
+            failed.run.deliver(
+                Failed(failed.seq, WorkerCrashed(f"Could not start a worker process: {reason}"))
             )
 
     def _add_slot(
         self,
         handle: launch.Handle,
-        jobs: int,
-        events: int,
+        pipes: launch.Pipes,
         index: int,
-        models: set[str] | None = None,
-        template: Template | None = None,
+        models: set[str],
+        template: Template | None,
     ) -> Slot:
-        slot = Slot(self, handle, jobs, events, index)
-        slot.models |= models or set()
-        slot.template = template
-        with self._lock:
-            self._slots.add(slot)
-            if self._reactor is not None:
-                self._watch(slot)
-            for item in self._queue:
-                item.requested = False  # the new worker may go to another: ask again
-            if self.closed:  # shut down while it started: it must not outlive us
-                self._retire(slot)
-                slot.handle.kill()
-            else:
-                self._idle.append(slot)
-                self._dispatch()
+        holder: list[Slot] = []
+        inbox = Inbox(
+            pipes.events, lambda frames: self._on_events(holder[0], frames), self._get_reactor
+        )
+        slot = Slot(handle, pipes, index, Control(self.cells, index), inbox, models, template)
+        slot.context = self._zygote_context
+        holder.append(slot)
+        self._slots.add(slot)
+        if self._reactor is not None:
+            self._watch_exit(slot)
         return slot
 
-    def _watch(self, slot: Slot) -> None:
-        self._reactor.watch(slot.handle.sentinel, lambda: self._on_exit(slot))
+    def _get_reactor(self) -> Reactor | None:
+        return self._reactor
+
+    def _zygote_problem(self) -> str:
+        zygote = self._zygote
+        if zygote is None:
+            return "the pool has no zygote process"
+        if zygote.problem:
+            return zygote.problem
+        code = zygote.reap(0.5)
+        how = f" ({launch.describe_exit(code)})" if code is not None else ""
+        return f"the pool's zygote process (pid {zygote.pid}) ended{how}; see its output on stderr"
+
+    # ------------------------------------------------------------ templates
+    def _start_template(self, key: str, task: Task) -> None:
+        index, pipes = self._take_index(), launch.Pipes()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        limit = task.settings.load_timeout
+        deadline = None if limit is None else time.monotonic() + limit
+        template = Template(key, task.model, pipes, index, deadline)
+        self._wake_by(deadline)
+        self._templates.add(template)
+        self._placement.template_started(key, template)
+        try:
+            zygote = self._zygote_now()
+        except Exception:
+            ours.close()
+            theirs.close()
+            self._template_started(template, ours, None)
+            return
+        zygote.fork(
+            Fork("template", index),
+            [*pipes.child_ends(), theirs.fileno()],
+            lambda handle: self._template_started(template, ours, handle),
+        )
+        theirs.close()
+        pipes.close_child_ends()
+
+    def _template_started(
+        self, template: Template, sock: socket.socket, handle: launch.Handle | None
+    ) -> None:
+        with self._lock:
+            if handle is None or self.closed or template.state is TemplateState.GONE:
+                if handle is not None:
+                    handle.kill()
+                    handle.close()
+                sock.close()
+                self._template_gone(template, "it could not be started")
+                return
+            template.started(launch.Forker(sock, handle.pid), handle)
+            self._watch_template(template)
+        template.send_warm_up()
+
+    def _watch_template(self, template: Template) -> None:
+        self._watch_forker(template.forker, lambda: template.receive(self))
+        self._reactor.watch(template.handle.sentinel, lambda: self._on_template_exit(template))
+
+    def template_ready(self, template: Template) -> None:
+        """Its warm-up loaded the model, and forking it is safe."""
+        with self._lock:
+            template.pipes.close()  # it serves no jobs itself
+            template.pipes = None
+            self._indexes.append(template.index)
+            self._act(self._placement.template_ready(template.key, template))
+
+    def template_became_worker(self, template: Template, warmed: Warmed) -> None:
+        """Forking it is not safe (or its warm-up failed): it serves as a worker."""
+        with self._lock:
+            self._templates.discard(template)
+            template.close(self._reactor)
+            self._unwatch(template.handle.sentinel)
+            models = {template.key} if warmed.loaded else set()
+            pipes, template.pipes = template.pipes, None
+            slot = self._add_slot(template.handle, pipes, template.index, models, None)
+            self._act(self._placement.template_became_worker(slot, template.key, warmed.reason))
+
+    def _on_template_exit(self, template: Template) -> None:
+        code = template.handle.exit_code()
+        self._unwatch(template.handle.sentinel, template.handle.close)
+        template.close(self._reactor)
+        while template.forker.pending:  # forks it will never answer
+            template.forker.pending.popleft()(None)
+        with self._lock:
+            reason = f"its template process {launch.describe_exit(code)} while loading it"
+            self._template_gone(template, reason)
+
+    def _template_gone(self, template: Template, reason: str) -> None:
+        """Lock held."""
+        self._templates.discard(template)
+        if template.pipes is not None:  # it never became a template: its room is back
+            template.pipes.close()
+            template.pipes = None
+            self._indexes.append(template.index)
+        template.state = TemplateState.GONE
+        self._act(self._placement.template_gone(template.key, template, reason))
+
+    def _unwatch(self, fd: int, then: Callable[[], None] | None = None) -> None:
+        """Stop watching ``fd``, then call ``then``; a stopped reactor watches nothing."""
+        reactor = self._reactor
+        if reactor is not None:
+            reactor.unwatch(fd, then)
+        elif then is not None:
+            then()
+
+    def _watch_forker(self, forker: launch.Forker, on_readable: Callable[[], None]) -> None:
+        self._reactor.watch(forker.fd, on_readable)
+
+    def _on_zygote(self) -> None:
+        zygote = self._zygote
+        if zygote is None:
+            return
+        for message in zygote.receive():
+            if type(message) is Ready:
+                self._zygote_ready = True
+                zygote.problem = message.problem
+                if message.problem:  # prompts fail with it until the setting is fixed
+                    self._unwatch(zygote.fd, zygote.close)
+                    self._fail_waiting(PoolConfigError(message.problem))
+                    return
+        if zygote.ended:
+            self._unwatch(zygote.fd, zygote.close)
+            if not self._zygote_ready:
+                self._fail_waiting(
+                    WorkerCrashed(f"Could not start a worker process: {self._zygote_problem()}")
+                )
+
+    def _fail_waiting(self, error: Exception) -> None:
+        with self._lock:
+            tasks = self._placement.drain()
+        for task in tasks:
+            task.run.deliver(Failed(task.seq, error))
 
     # ------------------------------------------------------------ coming back
     def _on_events(self, slot: Slot, frames: Frames) -> None:
         """Frames from ``slot.inbox``: on the consumer's loop, or on the reactor."""
-        if slot.gone:
+        if slot.state is State.GONE:
             return
         for seq, kind, payload, size in frames:
             self._on_frame(slot, seq, kind, payload, size)
@@ -387,60 +427,42 @@ class ProcessPool(TemplateHost, Pool):
             slot.handle.kill()
 
     def _on_frame(self, slot: Slot, seq: int, kind: int, payload: bytes, size: int) -> None:
-        item = slot.item
-        if item is None or item.job.seq != seq:
+        task = slot.task
+        if task is None or task.seq != seq:
             return  # from a job this slot no longer runs
-        try:
-            event = pickle.loads(payload)
-        except Exception as error:
-            event = Failed(
-                seq,
-                RemoteError(
-                    type(error).__name__,
-                    f"A reply from model {item.job.model_id!r} could not be read in this "
-                    f"process: {error}",
-                ),
-            )
-            if kind not in TERMINAL_KINDS:  # stop the job; its consumer gets the error now
-                item.run.deliver(event)
-                self._cancel(item)
-                return
+        event = decode_event(kind, payload, task.job.model_id)
         if kind == NEED_MODEL:
-            self._later(self._send_model, slot, item)
+            self.later(self._send_model, slot, task)
             return
-        if not slot.heard:
-            self._heard(slot, item)
-        if kind == CHUNKS:
+        if not task.heard:
+            self._heard(slot, task)
+        if type(event) is Chunks:
             event.nbytes = size
-            item.run.deliver(event)
-            return
-        if type(event) is Failed:
-            event.error = rebuild_error(event.error, event.traceback)
-        self._finish(slot, event)
+            task.run.deliver(event)
+        elif kind in TERMINAL_KINDS:
+            self._finish(slot, event)
+        else:  # a chunk that could not be read: its consumer gets the error now
+            task.run.deliver(event)
+            self.cancel(task)
 
-    def _heard(self, slot: Slot, item: Pending) -> None:
+    def _heard(self, slot: Slot, task: Task) -> None:
         """The job's first event: its model is loaded on this worker."""
         with self._lock:
-            slot.heard = True
-            key = item.job.model_key
-            slot.models.add(key)
-            state = self._models.get(key)
-            if state is not None and state.loading is slot:
-                state.loading, state.warm = None, True
-                self._dispatch()
-        if slot.cold and self.settings.workers is None and slot.template is None:
-            self._later(self._measure, slot)
+            if task.hear() and slot.task is task:
+                self._act(self._placement.loaded(slot, task.key))
+        if task.cold and self.settings.workers is None and slot.template is None:
+            self.later(self._measure, slot)
 
     def _measure(self, slot: Slot) -> None:
         cost = memory(slot.pid).private or 0
         with self._lock:
             self._worker_cost = max(self._worker_cost, cost)
 
-    def _send_model(self, slot: Slot, item: Pending) -> None:
+    def _send_model(self, slot: Slot, task: Task) -> None:
         """The worker's registry lacks this model: send it once, pickled."""
-        job = item.job
+        job = task.job
         try:
-            job.model_blob = cloudpickle.dumps(item.model)
+            job.model_blob = cloudpickle.dumps(task.model)
             payload = dumps_job(job)
         except Exception as error:
             reason = PromptNotSendable(
@@ -449,138 +471,138 @@ class ProcessPool(TemplateHost, Pool):
                 f"({type(error).__name__}: {error}). Install its plugin, or set "
                 "LLM_ASYNC_POOL=thread."
             )
-            self._finish(slot, Failed(job.seq, reason))
             slot.control.cancel(job.seq)
+            self._finish(slot, Failed(job.seq, reason))
             return
         finally:
             job.model_blob = None
-        slot.send(job.seq, payload)
+        slot.send([(job.seq, channel.JOB, payload, 0)])
 
     def _finish(self, slot: Slot, event: Done | Failed) -> None:
         with self._lock:
-            item = slot.item
-            if item is None:
+            task = slot.task
+            if task is None:
                 return
-            slot.item = item.slot = None
+            slot.end()
             slot.inbox.release()
-            slot.kill_at = None
-            slot.served += 1
             self.cells[BUSY] -= 1
-            if not slot.retired:
+            if slot.state is State.IDLE:
                 limit = self.settings.max_tasks
-                if limit is not None and slot.served >= limit:
-                    self._retire(slot)  # recycled: a fresh worker replaces it on demand
+                if limit is not None and slot.count >= limit:
+                    slot.retire()  # recycled: a fresh worker replaces it on demand
+                    self._act(self._placement.retire(slot))
                 else:
-                    slot.idle_since = time.monotonic()
-                    self._idle.append(slot)
-            self._dispatch()
-        item.run.deliver(event)
+                    self._act(self._placement.free(slot))
+        if type(event) is Done and event.cancelled and task.stopping:
+            return  # stopped by the pool (timeout, stopped loop): the consumer was told
+        task.run.deliver(event)
+
+    def _watch_exit(self, slot: Slot) -> None:
+        self._reactor.watch(slot.handle.sentinel, lambda: self._on_exit(slot))
 
     def _on_exit(self, slot: Slot) -> None:
         """Its sentinel fired: the process is gone. Read what it sent, then settle."""
-        if slot.gone:
+        if slot.state is State.GONE:
             return
         slot.inbox.read()  # what it wrote before it died, in order, on this thread
-        slot.gone = True
-        slot.inbox.close()
         code = slot.handle.exit_code()
-        self._reactor.unwatch(slot.handle.sentinel, slot.handle.close)
-        try:
-            os.close(slot.jobs)
-        except OSError:
-            pass
+        template = slot.template
+        template_code = template.handle.exit_code(0.2) if template and code is None else None
         with self._lock:
+            retired = slot.state is State.RETIRED
+            task, slot.task = slot.task, None
+            slot.state = State.GONE
             self._slots.discard(slot)
-            if slot in self._idle:
-                self._idle.remove(slot)
-            if not slot.retired:
-                self._live -= 1
             self._indexes.append(slot.index)
-            item = slot.item
-            slot.item = None
-            if item is not None:
+            if task is not None:
                 self.cells[BUSY] -= 1
-                state = self._models.get(item.job.model_key)
-                if state is not None and state.loading is slot:
-                    state.loading = None
-            if slot.template is not None:
-                slot.template.children -= 1
-                slot.template.idle_since = time.monotonic()
-            self._dispatch()
-        if item is not None:
-            item.run.deliver(Failed(item.job.seq, self._crash_error(slot, item, code)))
+            if template is not None:
+                template.children -= 1
+                template.idle_since = time.monotonic()
+            self._act(self._placement.gone(slot, retired))
+        self._unwatch(slot.handle.sentinel, lambda: self._let_go(slot))
+        if task is not None:
+            error = self._crash_error(slot, task, code, template_code)
+            task.run.deliver(Failed(task.seq, error))
 
-    def _crash_error(self, slot: Slot, item: Pending, code: int | None) -> Exception:
+    def _let_go(self, slot: Slot) -> None:
+        slot.gone()
+        if slot.inbox.fd >= 0:  # a stopped loop still holds its pipe
+            with self._lock:
+                self._lingering.add(slot.inbox)
+
+    def _crash_error(
+        self, slot: Slot, task: Task, code: int | None, template_code: int | None
+    ) -> Exception:
+        model_id = task.job.model_id
         if self.closed:
-            return PoolClosed(f"The pool shut down while model {item.job.model_id!r} ran")
+            return PoolClosed(f"The pool shut down while model {model_id!r} ran")
+        if code is None and slot.template is not None:
+            how = launch.describe_exit(template_code).replace("ended when the process", "the")
+            return WorkerCrashed(
+                f"The worker process (pid {slot.pid}) running model {model_id!r} ended "
+                f"because the template process it was forked from (pid "
+                f"{slot.template.handle.pid}) {how}. Every prompt running on a worker "
+                "forked from that template ended with it; the pool loads the model again "
+                "for the next prompts."
+            )
         how = launch.describe_exit(code)
-        if slot.template is not None and slot.template not in self._templates:
-            how += " (its template process had ended)"
-        hint = STARTUP_HINT if code and code > 0 and not slot.control.started() else ""
+        if code is None:
+            how = "ended because the pool's zygote process ended"
         return WorkerCrashed(
-            f"The worker process (pid {slot.pid}) running model {item.job.model_id!r} "
-            f"{how}. The pool has replaced it; other prompts are not affected.{hint}"
+            f"The worker process (pid {slot.pid}) running model {model_id!r} {how}. "
+            "The pool has replaced it; other prompts are not affected."
         )
 
     # ------------------------------------------------------------ stopping early
-    def _cancel(self, item: Pending) -> None:
-        with self._lock:
-            if item in self._queue:
-                self._queue.remove(item)
-                return
-            slot = item.slot
-            if slot is None or slot.item is not item:
-                return  # already finished
-            slot.control.cancel(item.job.seq)
-            slot.inbox.to_reactor()  # its consumer reads no more
-            loading = slot.cold and not slot.heard
-            slot.kill_at = time.monotonic() + stop_allowance(item.settings, loading, slot.started)
+    def unqueue(self, task: Task) -> bool:
+        return self._placement.cancel(task)
+
+    def stop(self, task: Task) -> None:
+        slot = task.slot
+        if slot is None or slot.task is not task:
+            return  # already finished
+        slot.stop(task.stop_allowance())
+        slot.inbox.to_reactor()  # its consumer reads no more
         if self._reactor is not None:
             self._reactor.wake()
 
-    def _take(self, item: Pending, count: int, nbytes: int) -> None:
-        slot = item.slot
-        if slot is not None and slot.item is item:
+    def take(self, task: Task, count: int, nbytes: int) -> None:
+        slot = task.slot
+        if slot is not None and slot.task is task:
             slot.control.take(count, nbytes)
 
-    def _retire(self, slot: Slot) -> None:
-        """Let the worker finish and exit (EOF on its job pipe); lock held."""
-        if slot.retired:
-            return
-        slot.retired = True
-        self._live -= 1
-        if slot in self._idle:
-            self._idle.remove(slot)
-        with slot.send_lock:
-            try:
-                os.close(slot.jobs)
-            except OSError:
-                pass
-            slot.jobs = -1
-        slot.kill_at = time.monotonic() + RETIRE_GRACE
+    def running(self) -> Iterable[Task]:
+        return [slot.task for slot in self._slots if slot.task is not None]
 
     def _tick(self) -> float | None:
-        """The reactor's timers: kills, retirement, load limits. Returns the next wait."""
+        """The reactor's timers. Returns how long it may sleep."""
         now = time.monotonic()
         due: list[float] = []
+        first = self.check_running(now)
+        if first is not None:
+            due.append(first)
         expired: list[Template] = []
         with self._lock:
-            for slot in self._slots:
-                if slot.item is not None and slot.inbox.watch_loop():
-                    due.append(now + LOOP_CHECK)
+            for slot in list(self._slots):
+                if slot.task is not None and slot.inbox.watch_loop():
+                    due.append(now + 1.0)
                 if slot.kill_at is not None:
                     if slot.kill_at <= now:  # retired with the kill: a Done already on
-                        self._retire(slot)  # its way must not free it for another prompt
+                        if slot.state is not State.RETIRED:  # its way must not free it
+                            slot.retire()
+                            self._act(self._placement.retire(slot))
                         slot.kill_at = None
                         slot.handle.kill()
                     else:
                         due.append(slot.kill_at)
-            for slot in list(self._idle):
-                retire_at = slot.idle_since + self.settings.idle_timeout
-                if retire_at <= now:
-                    self._retire(slot)
-                else:
-                    due.append(retire_at)
+                elif slot.state is State.IDLE:
+                    retire_at = slot.idle_since + self.settings.idle_timeout
+                    if retire_at <= now:
+                        slot.retire()
+                        self._act(self._placement.retire(slot))
+                    else:
+                        due.append(retire_at)
             for template in list(self._templates):
                 if template.deadline is not None:
                     if template.deadline <= now:
@@ -588,43 +610,82 @@ class ProcessPool(TemplateHost, Pool):
                         expired.append(template)
                     else:
                         due.append(template.deadline)
-                elif template.ready and not (
-                    template.children or template.waiting or template.closing
+                elif template.state is TemplateState.READY and not (
+                    template.children or template.forker.pending
                 ):
                     retire_at = template.idle_since + self.settings.idle_timeout
                     if retire_at <= now:  # it exits when its socket closes
-                        self._close_template(template)
+                        template.close(self._reactor)
                     else:
                         due.append(retire_at)
-            if self._slots or self._templates or self._queue or self._live:
+            for inbox in list(self._lingering):
+                if not inbox.prune():
+                    self._lingering.discard(inbox)
+            if self._lingering:
+                due.append(now + 1.0)
+            if self._slots or self._templates or self._starting or self._placement.live:
                 self._empty_since = now
+                due.append(now + TICK)
             elif now - self._empty_since >= self.settings.idle_timeout:
-                self._reactor.stop()  # nothing left: the reactor thread ends
-                self._reactor = None
+                self._stop_reactor()  # nothing left: the zygote and the reactor end
                 return None
+            else:
+                due.append(self._empty_since + self.settings.idle_timeout)
         for template in expired:
             self._load_expired(template)
-        return max(0.0, min(due) - now) if due else None
+        self._next_tick = min(due, default=now + TICK)
+        return max(0.0, self._next_tick - now)
+
+    def _stop_reactor(self) -> None:
+        """Lock held."""
+        if self._zygote is not None:
+            self._unwatch(self._zygote.fd, self._zygote.close)
+            self._zygote = None
+        self._reactor.stop()
+        self._reactor = None
+
+    def _load_expired(self, template: Template) -> None:
+        """A template's warm-up took longer than the load allowance."""
+        with self._lock:
+            if template.handle is not None:  # it exits, and settles as any template death
+                template.handle.kill()
+            elif template.state is not TemplateState.GONE:  # killed once it has started
+                self._template_gone(template, "it did not start within the load allowance")
+            waiting = [t for t in self._placement.waiting() if t.key == template.key]
+            for task in waiting:
+                self._placement.cancel(task)
+        for task in waiting:
+            seconds = task.settings.load_timeout
+            task.run.deliver(
+                Failed(
+                    task.seq,
+                    PromptTimeout(
+                        f"Model {task.job.model_id!r} did not finish loading within "
+                        f"LLM_ASYNC_POOL_LOAD_TIMEOUT={seconds:g} seconds"
+                    ),
+                )
+            )
 
     # ------------------------------------------------------------ inspecting
     def workers(self) -> list[WorkerInfo]:
         with self._lock:
-            slots = sorted(self._slots, key=lambda s: s.pid)
-            templates = sorted((t for t in self._templates if t.ready), key=lambda t: t.handle.pid)
             infos = [
                 WorkerInfo(
                     s.pid,
                     Memory(),
                     sorted(_model_id(k) for k in s.models),
-                    s.served,
-                    s.item is not None,
+                    s.count,
+                    s.task is not None,
                 )
-                for s in slots
+                for s in sorted(self._slots, key=lambda s: s.pid)
             ]
             infos += [
                 WorkerInfo(t.handle.pid, Memory(), [_model_id(t.key)], role="template")
-                for t in templates
+                for t in sorted(self._templates, key=lambda t: t.index)
+                if t.state is TemplateState.READY
             ]
+            if self._zygote is not None and not self._zygote.ended:
+                infos.append(WorkerInfo(self._zygote.pid, Memory(), role="zygote"))
         for info in infos:
             info.memory = memory(info.pid)
         return infos
@@ -633,58 +694,85 @@ class ProcessPool(TemplateHost, Pool):
         """Per model: is it shared from a template, and if not, why."""
         with self._lock:
             report = {}
-            for key, state in self._models.items():
-                if state.template is not None and state.template.ready:
-                    report[_model_id(key)] = f"shared from template pid {state.template.handle.pid}"
+            for key, state in self._placement.models.items():
+                template = state.template
+                if template is not None and template.state is TemplateState.READY:
+                    report[_model_id(key)] = f"shared from template pid {template.handle.pid}"
                 elif state.shareable is False:
                     report[_model_id(key)] = f"not shared: {state.reason}"
             return report
 
     def idle(self) -> bool:
         with self._lock:
-            return not (self._slots or self._templates or self._queue or self._live)
+            return not (self._slots or self._templates or self._starting or self._placement.live)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         with self._lock:
             if self.closed:
                 return
             self.closed = True
-            queued, self._queue = list(self._queue), deque()
+            queued = self._placement.drain()
             slots = list(self._slots)
             templates = list(self._templates)
-            running = [slot for slot in slots if slot.item is not None]
+            running = [slot for slot in slots if slot.task is not None]
             for slot in running:
-                slot.control.cancel(slot.item.job.seq)
+                slot.control.cancel(slot.task.seq)
             for slot in slots:
-                self._retire(slot)
-        for item in queued:
-            item.run.deliver(Failed(item.job.seq, PoolClosed("The process pool has shut down")))
+                slot.retire()
+        for task in queued:
+            task.run.deliver(Failed(task.seq, PoolClosed("The process pool has shut down")))
         for template in templates:
-            if self._reactor is not None:
-                self._close_template(template)
-            else:
-                template.link.close()
-        grace = max((slot.item.settings.grace for slot in running if slot.item), default=0.0)
+            template.close(self._reactor)
+        grace = max((s.task.settings.grace for s in running if s.task), default=0.0)
         bound = min(grace, SHUTDOWN_GRACE, max(0.0, timeout - 1.0))
-        handles = [slot.handle for slot in slots] + [t.handle for t in templates]
+        handles = [slot.handle for slot in slots]
+        handles += [t.handle for t in templates if t.handle is not None]
         launch.wait_all(handles, time.monotonic() + (bound if running else 1.0))
         for handle in handles:
             handle.kill()
         launch.wait_all(handles, time.monotonic() + 1.0)
         for slot in running:
-            item = slot.item
-            if item is not None:
-                item.run.deliver(
+            task = slot.task
+            if task is not None:
+                task.run.deliver(
                     Failed(
-                        item.job.seq,
-                        PoolClosed(f"The pool shut down while model {item.job.model_id!r} ran"),
+                        task.seq,
+                        PoolClosed(f"The pool shut down while model {task.job.model_id!r} ran"),
                     )
                 )
-        if self._reactor is not None:
-            self._reactor.stop()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            if self._reactor is not None:
+                self._stop_reactor()
+            elif self._zygote is not None:
+                self._zygote.close()
+                self._zygote = None
+        if self._helper is not None:
+            self._helper.shutdown(wait=False, cancel_futures=True)
+
+    def forget(self) -> None:
+        self.closed = True
+        for slot in self._slots:
+            slot.forget()
+        for template in self._templates:
+            template.forget()
+        for pipes in self._starting.values():
+            pipes.close()
+        for inbox in self._lingering:
+            inbox.forget()
+        for part in (self._zygote, self._reactor):
+            if part is not None:
+                part.forget()
+        try:
+            os.close(self._cells_fd)
+        except OSError:
+            pass
 
 
 def _model_id(key: str) -> str:
     return key.split("\0", 1)[0]
+
+
+def _preload() -> list[str]:
+    from ..config import preload_modules
+
+    return preload_modules()

@@ -5,48 +5,49 @@
 instance that listens on 127.0.0.1 only; if the app has already called
 ``ray.init()``, it uses that.
 
-One actor per worker slot (``ray_worker.RayWorker``), each asking Ray for
-``num_cpus`` = its thread budget and, with ``LLM_ASYNC_POOL_RAY_GPUS``, for GPUs.
-A prompt goes to an idle actor that has its model loaded, else to any idle
-actor, else to a new one while there is room; actors are spread over the
-nodes. Each prompt is one call of the actor's streaming generator, consumed
-on the app's event loop (``async for ref in gen``) and fed to the same
-``Run`` as the other pools. Ray never retries a prompt (a retry would replay a
-stream). Cancel, timeout and a consumer that walks away ``ray.cancel`` the
-generator; an actor that has not stopped within the grace period is killed
-and replaced. A dead actor or node fails its prompt with ``WorkerCrashed``.
+One actor per worker (``ray_worker.RayWorker``), each asking Ray for
+``num_cpus`` = its thread budget and, with ``LLM_ASYNC_POOL_RAY_GPUS``, for
+GPUs. Prompts are placed by the same policy as the process pool's
+(``placement``), with an actor for a worker. A request no node of the
+cluster can ever satisfy fails at once, naming the setting; one not placed
+within the load allowance fails then. Each prompt is one call of the actor's
+streaming generator, consumed on the app's event loop (``async for ref in
+gen``) and fed to the same ``Run`` as the other pools. Ray never retries a
+prompt (a retry would replay a stream); but a prompt sent to an actor that
+had died with its node, before any of it ran, is placed again. Cancel,
+timeout and a consumer that walks away ``ray.cancel`` the generator; an
+actor that has not stopped within the grace period is killed and replaced.
 
 The key travels as its own small task argument, apart from the pickled job,
-so it is never written to Ray's object store (which spills to disk).
+so it is never written to Ray's object store (which spills to disk). A
+model in an actor sees the environment and directory the app had when the
+actor started (its node may be another machine).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
-import pickle
 import threading
 import time
-from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import cloudpickle
-import llm
 
-from ..config import MAX_WORKERS, Settings
-from ..errors import PoolClosed, PoolConfigError, RemoteError, WorkerCrashed
-from ..messages import KINDS, Chunks, Failed, Job, NeedModel
-from ..wire import dumps_job, rebuild_error
-from .base import Memory, Pool, WorkerInfo, memory
-from .run import Dispatched, Run, stop_allowance
+from ..config import MAX_WORKERS
+from ..errors import PoolClosed, PoolConfigError, PromptTimeout, RemoteError, WorkerCrashed
+from ..messages import KINDS, TERMINAL_KINDS, Chunks, Done, Failed, Job, NeedModel
+from ..wire import decode_event, dumps_job
+from .base import Memory, Pool, Task, WorkerInfo, memory
+from .placement import Begin, Placement, Retire, StartWorker
 
 #: Streamed objects an actor may have yielded that the consumer has not read.
 BACKPRESSURE = 16
-#: Seconds between the watcher's checks of stopping and idle actors.
+#: Seconds between the watcher's checks of starting, stopping and idle actors.
 WATCH = 0.05
-CHUNKS, NEED_MODEL = KINDS[Chunks], KINDS[NeedModel]
+NEED_MODEL = KINDS[NeedModel]
 
 
 def _import_ray() -> Any:
@@ -61,33 +62,28 @@ def _import_ray() -> Any:
 
 
 @dataclass(eq=False)
-class _Item:
-    """A prompt waiting for, or running on, an actor."""
-
-    job: Job
-    model: llm.Model
-    run: Run
-    payload: bytes
-    key: str | None
-    settings: Settings
-    actor: _Actor | None = None
-    generator: Any = None
-    task: Any = None  # the feeding task, kept so it is not collected mid-flight
-    heard: bool = False
-    cold: bool = False  # its actor had not loaded its model when it began
-    started: float = 0.0
+class RayTask(Task):
+    api_key: str | None = None  # sent apart from the pickled job
+    generator: Any = None  # the actor's stream, once called
+    feeder: Any = None  # the asyncio task reading it, kept so it is not collected
 
 
-class _Actor:
-    def __init__(self, handle: Any):
+class Actor:
+    """A Ray actor, as the pool sees it: one worker."""
+
+    def __init__(self, handle: Any, key: str, settings: Any):
         self.handle = handle
-        self.info: dict[str, Any] = {}  # node and pid, once it answers
+        self.key = key  # the model it was started for
+        self.info: dict[str, Any] = {}  # node and pid, once Ray has placed it
         self.models: set[str] = set()
-        self.item: _Item | None = None
-        self.served = 0
+        self.task: RayTask | None = None
+        self.served: Any = None  # the last conversation it served
+        self.count = 0
         self.idle_since: float | None = time.monotonic()
         self.stopping: tuple[Any, float] | None = None  # (done ref, kill deadline)
-        self.describing = handle.describe.remote()  # runs before its first prompt
+        self.describing = handle.describe.remote()  # answers once it runs
+        limit = settings.load_timeout if settings is not None else None
+        self.place_by = None if limit is None else time.monotonic() + limit
 
 
 class RayPool(Pool):
@@ -100,216 +96,240 @@ class RayPool(Pool):
 
         self.address = _connect(self.ray, settings.ray_address)
         self._threads = settings.threads or 1
-        resources: dict[str, Any] = {"num_cpus": self._threads}
+        self._resources: dict[str, Any] = {"num_cpus": self._threads}
         if settings.ray_gpus:
-            resources["num_gpus"] = settings.ray_gpus
-        self._actor_class = self.ray.remote(max_restarts=0, max_task_retries=0, **resources)(
+            self._resources["num_gpus"] = settings.ray_gpus
+        self._actor_class = self.ray.remote(max_restarts=0, max_task_retries=0, **self._resources)(
             RayWorker
         )
-        self._lock = threading.RLock()
-        self._actors: list[_Actor] = []
-        self._queue: deque[_Item] = deque()
-        self._seqs = itertools.count(1)
+        self._placement = Placement(self._room)
+        self._actors: list[Actor] = []
+        self._failed: list[tuple[Task, Exception]] = []  # to tell, outside the lock
         self._watcher = threading.Thread(target=self._watch, name="llm-async-pool-ray", daemon=True)
         self._watcher.start()
 
     # ------------------------------------------------------------ submitting
-    async def submit(self, model: llm.Model, job: Job, settings: Settings) -> Run:
-        job.seq = next(self._seqs)
-        key, job.key = job.key, None
+    def new_task(self, model: Any, job: Job, settings: Any) -> RayTask:
+        task = RayTask(job, model, settings)
+        task.api_key, job.key = job.key, None
         try:
-            payload = dumps_job(job)
+            task.payload = dumps_job(job)
         finally:
-            job.key = key
-        item = _Item(job, model, None, payload, key, settings)  # type: ignore[arg-type]
-        item.run = Run(
-            job,
-            settings,
-            cancel=lambda: self._cancel(item),
-            take=lambda count, nbytes: None,  # Ray's own backpressure bounds the stream
-        )
-        with self._lock:
-            if self.closed:
-                raise PoolClosed("The Ray pool has shut down")
-            self._queue.append(item)
-            self._dispatch()
-        return item.run
+            job.key = task.api_key
+        return task
 
-    def _capacity(self) -> int:
+    def submitted(self) -> None:
+        self._tell_failed()
+
+    def enqueue(self, task: Task) -> None:
+        self._act(self._placement.submit(task, False))
+
+    def _room(self, live: int) -> bool:
         if self.settings.workers is not None:
-            return self.settings.workers
+            return live < self.settings.workers
         cpus = int(self.ray.cluster_resources().get("CPU", 1))
-        return max(1, min(MAX_WORKERS, cpus // self._threads))
+        return live < max(1, min(MAX_WORKERS, cpus // self._threads))
 
-    def _dispatch(self) -> None:
-        """Start every queued prompt an actor can take now (lock held)."""
-        for item in list(self._queue):
-            if item.run.closed:
-                self._queue.remove(item)
-                continue
-            key = item.job.model_key
-            idle = [a for a in self._actors if a.info and a.item is None and a.stopping is None]
-            actor = next((a for a in idle if key in a.models), None) or (idle[0] if idle else None)
-            if actor is None:
-                starting = sum(1 for a in self._actors if not a.info)
-                waiting = len(self._queue)
-                if starting < waiting and len(self._actors) < self._capacity():
-                    self._new_actor()  # it takes a prompt once Ray has placed it
-                return
-            self._queue.remove(item)
-            self._begin(item, actor)
+    def _do(self, action: Any) -> None:
+        if type(action) is Begin:
+            self._begin(action.task, action.slot, action.cold)
+        elif type(action) is StartWorker:
+            self._new_actor(action.key)
+        elif type(action) is Retire:
+            self._drop(action.slot)
 
-    def _new_actor(self) -> _Actor:
+    def _new_actor(self, key: str) -> None:
+        problem = self._infeasible()
+        if problem is not None:
+            self._start_failed(key, PoolConfigError(problem))
+            return
         handle = self._actor_class.options(scheduling_strategy="SPREAD").remote(
             dict(os.environ), self._threads
         )
-        actor = _Actor(handle)
-        self._actors.append(actor)
-        return actor
+        head = self._placement.models[key].waiting
+        settings = head[0].settings if head else None
+        self._actors.append(Actor(handle, key, settings))
 
-    def _begin(self, item: _Item, actor: _Actor) -> None:
-        actor.item, item.actor = item, actor
-        actor.idle_since = None
-        item.cold = item.job.model_key not in actor.models
-        item.started = time.monotonic()
-        item.run.deliver(Dispatched(cold=item.cold))
+    def _infeasible(self) -> str | None:
+        """Why no node of the cluster can ever run an actor, if none can."""
+        need = {"CPU": self._threads, "GPU": self.settings.ray_gpus}
         try:
-            item.run.loop.call_soon_threadsafe(self._feed_soon, item)
-        except RuntimeError:  # the consumer's loop is gone
-            self._finished(actor)
+            nodes = [n.get("Resources", {}) for n in self.ray.nodes() if n.get("Alive")]
+        except Exception:
+            return None
+        if any(
+            all(node.get(r, 0) >= amount for r, amount in need.items() if amount) for node in nodes
+        ):
+            return None
+        largest = max(nodes, key=lambda node: node.get("CPU", 0), default={})
+        return (
+            f"No node of the Ray cluster can run a worker: each asks for "
+            f"{self._threads:g} CPU (LLM_ASYNC_POOL_THREADS)"
+            + (f" and {need['GPU']:g} GPU (LLM_ASYNC_POOL_RAY_GPUS)" if need["GPU"] else "")
+            + f", and the largest node has {largest.get('CPU', 0):g} CPU and "
+            f"{largest.get('GPU', 0):g} GPU. Lower those settings, or add a node that has them."
+        )
 
-    def _feed_soon(self, item: _Item) -> None:
-        item.task = asyncio.ensure_future(self._feed(item))
+    def _start_failed(self, key: str, error: Exception) -> None:
+        failed, actions = self._placement.start_failed(key)
+        if failed is not None:
+            self._failed.append((failed, error))
+        self._act(actions)
+
+    def _tell_failed(self) -> None:
+        with self._lock:
+            failed, self._failed = self._failed, []
+        for task, error in failed:
+            task.run.deliver(Failed(task.seq, error))
+
+    def _begin(self, task: RayTask, actor: Actor, cold: bool) -> None:
+        actor.task, actor.idle_since = task, None
+        task.begin(actor, cold)
+        try:
+            task.run.loop.call_soon_threadsafe(self._feed_soon, task)
+        except RuntimeError:  # the consumer's loop is gone
+            self._free(actor)
+
+    def _feed_soon(self, task: RayTask) -> None:
+        task.feeder = asyncio.ensure_future(self._feed(task))
 
     # ------------------------------------------------------------ coming back
-    async def _feed(self, item: _Item) -> None:
+    async def _feed(self, task: RayTask) -> None:
         """Read the actor's stream on the consumer's loop, frame by frame."""
-        actor = item.actor
+        actor = task.slot
         blob = None
         try:
             while True:
-                if actor.item is not item:  # cancelled before it started
+                if actor.task is not task or task.stopping:  # stopped before it started
                     return
-                payload = item.payload
+                payload = task.payload
                 if blob is not None:
-                    item.job.model_blob = blob
-                    payload = dumps_job(item.job)
-                    item.job.model_blob = None
+                    task.job.model_blob = blob
+                    payload = dumps_job(task.job)
+                    task.job.model_blob = None
                 generator = actor.handle.run.options(
                     num_returns="streaming", _generator_backpressure_num_objects=BACKPRESSURE
-                ).remote(item.job.seq, payload, item.key)
-                item.generator = generator
-                ending = await self._read(item, generator)
+                ).remote(task.seq, payload, task.api_key)
+                task.generator = generator
+                ending = await self._read(task, generator)
                 if ending is None:  # NeedModel: send it again, pickled
-                    blob = cloudpickle.dumps(item.model)
+                    blob = cloudpickle.dumps(task.model)
                     continue
-                self._settle(item, ending)
+                self._settle(task, ending)
                 return
         except asyncio.CancelledError:
             raise
         except Exception as error:
-            if actor.item is not item:  # cancelled: the watcher frees the actor
+            if actor.task is not task or task.stopping:  # stopped: the watcher frees the actor
                 return
             if isinstance(error, self.ray.exceptions.RayActorError):
-                self._actor_died(actor, item, error)
+                self._actor_died(actor, task, error)
                 return
             cause = getattr(error, "cause", None) or error  # RayTaskError wraps ours
-            self._settle(item, Failed(item.job.seq, cause))
+            self._settle(task, Failed(task.seq, cause))
 
-    async def _read(self, item: _Item, generator: Any) -> Failed | Any:
+    async def _read(self, task: RayTask, generator: Any) -> Any:
         async for ref in generator:
-            for seq, kind, data in await ref:
+            for _seq, kind, data in await ref:
                 if kind == NEED_MODEL:
                     return None
-                try:
-                    event = pickle.loads(data)
-                except Exception as error:
-                    event = Failed(seq, RemoteError(type(error).__name__, str(error)))
-                if not item.heard:
-                    item.heard = True
-                    item.actor.models.add(item.job.model_key)
-                if kind == CHUNKS and type(event) is Chunks:
+                event = decode_event(kind, data, task.job.model_id)
+                if not task.heard:
+                    with self._lock:
+                        task.hear()
+                        self._act(self._placement.loaded(task.slot, task.key))
+                if type(event) is Chunks:
                     event.nbytes = len(data)
-                    item.run.deliver(event)
-                    continue
-                if type(event) is Failed:
-                    event.error = rebuild_error(event.error, event.traceback)
-                return event
-        return Failed(item.job.seq, RemoteError("Error", "The actor's stream ended early"))
+                    task.run.deliver(event)
+                elif kind in TERMINAL_KINDS:
+                    return event
+                else:
+                    return event  # a chunk that could not be read ends the prompt
+        return Failed(task.seq, RemoteError("Error", "The actor's stream ended early"))
 
-    def _settle(self, item: _Item, event: Any) -> None:
-        actor = item.actor
+    def _settle(self, task: RayTask, event: Any) -> None:
         with self._lock:
-            actor.served += 1
-            self._finished(actor)
-        item.run.deliver(event)
+            self._free(task.slot)
+        if not (task.stopping and type(event) is Done and event.cancelled):
+            task.run.deliver(event)
 
-    def _finished(self, actor: _Actor) -> None:
+    def _free(self, actor: Actor) -> None:
+        """Lock held, or taken here."""
         with self._lock:
-            actor.item = None
+            task, actor.task = actor.task, None
+            if task is not None:
+                actor.count += 1
+                conversation = task.job.conversation
+                actor.served = None if conversation is None else conversation.id
+            actor.stopping = None
             actor.idle_since = time.monotonic()
-            self._dispatch()
+            if actor in self._actors:
+                self._act(self._placement.free(actor))
 
-    def _actor_died(self, actor: _Actor, item: _Item, error: Exception) -> None:
+    def _actor_died(self, actor: Actor, task: RayTask, error: Exception) -> None:
         node = actor.info.get("node", "?")
         with self._lock:
+            dead = self._dead_nodes()
             self._drop(actor)
-            self._drop_dead_nodes()
-            self._dispatch()
-        item.run.deliver(
+            for other in list(self._actors):  # its idle neighbours died with the node
+                if other.info.get("node") in dead and other.task is None:
+                    self._drop(other)
+            if not task.heard and node in dead:  # none of it ran: place it again
+                task.slot = None
+                self._act(self._placement.requeue(task))
+                return
+        task.run.deliver(
             Failed(
-                item.job.seq,
+                task.seq,
                 WorkerCrashed(
-                    f"The Ray actor running model {item.job.model_id!r} on node {node} "
+                    f"The Ray actor running model {task.job.model_id!r} on node {node} "
                     f"died ({type(error).__name__}). The pool has replaced it; other "
                     "prompts are not affected."
                 ),
             )
         )
 
-    def _drop(self, actor: _Actor) -> None:
+    def _drop(self, actor: Actor) -> None:
+        """Forget an actor and kill it (lock held)."""
         if actor in self._actors:
             self._actors.remove(actor)
+            self._act(self._placement.gone(actor, retired=False))
         if self.ray.is_initialized():
             try:
                 self.ray.kill(actor.handle, no_restart=True)
             except Exception:
                 pass
 
-    def _drop_dead_nodes(self) -> None:
-        """When one actor dies with its node, its idle neighbours did too."""
+    def _dead_nodes(self) -> set[str]:
         try:
-            dead = {n["NodeID"] for n in self.ray.nodes() if not n["Alive"]}
+            return {n["NodeID"] for n in self.ray.nodes() if not n["Alive"]}
         except Exception:
-            return
-        for actor in list(self._actors):
-            if actor.info.get("node") in dead and actor.item is None:
-                self._drop(actor)
+            return set()
 
     # ------------------------------------------------------------ stopping early
-    def _cancel(self, item: _Item) -> None:
-        with self._lock:
-            if item in self._queue:
-                self._queue.remove(item)
-                return
-            actor = item.actor
-            if actor is None or actor.item is not item:
-                return
-            generator = item.generator
-            if generator is None:  # dispatched, not started: nothing runs yet
-                self._finished(actor)
-                return
-            allowance = stop_allowance(item.settings, item.cold and not item.heard, item.started)
-            actor.stopping = (generator.completed(), time.monotonic() + allowance)
-            actor.item = None
+    def unqueue(self, task: Task) -> bool:
+        return self._placement.cancel(task)
+
+    def stop(self, task: Task) -> None:
+        actor = task.slot
+        if actor is None or actor.task is not task:
+            return
+        generator = task.generator
+        if generator is None:  # dispatched, not started: nothing runs yet
+            self._free(actor)
+            return
+        actor.stopping = (generator.completed(), time.monotonic() + task.stop_allowance())
         try:
             self.ray.cancel(generator)
         except Exception:
             pass
 
+    def running(self) -> Iterable[Task]:
+        return [a.task for a in self._actors if a.task is not None]
+
     def _watch(self) -> None:
-        """Free actors whose cancelled prompt ended; kill those past their grace;
-        retire idle ones; learn where new ones run."""
+        """Free actors whose stopped prompt ended; kill those past their grace;
+        learn where new ones run; retire idle ones; enforce time limits."""
         while not self.closed:
             time.sleep(WATCH)
             if not self.ray.is_initialized():  # the app shut Ray down: so do we
@@ -317,7 +337,7 @@ class RayPool(Pool):
                 return
             with self._lock:
                 stopping = [a for a in self._actors if a.stopping is not None]
-                unknown = [a for a in self._actors if not a.info]
+                unplaced = [a for a in self._actors if not a.info]
             if stopping:
                 refs = [a.stopping[0] for a in stopping]
                 done, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0)
@@ -325,37 +345,65 @@ class RayPool(Pool):
                 with self._lock:
                     for actor in stopping:
                         if actor.stopping[0] in done:
-                            actor.stopping = None
-                            self._finished(actor)
+                            self._free(actor)
                         elif actor.stopping[1] <= now:
                             self._drop(actor)  # stuck: killed, replaced on demand
-                    self._dispatch()
-            for actor in unknown:
+            for actor in unplaced:
                 self._describe(actor)
             self._retire_idle()
+            self.check_running(time.monotonic())
+            self._tell_failed()
 
-    def _describe(self, actor: _Actor) -> None:
+    def _describe(self, actor: Actor) -> None:
         """A new actor answers once Ray has placed and started it: it is ready."""
         ready, _ = self.ray.wait([actor.describing], timeout=0)
-        if ready:
+        with self._lock:
+            if actor not in self._actors:
+                return
+            if not ready:
+                if actor.place_by is not None and time.monotonic() > actor.place_by:
+                    self._actors.remove(actor)
+                    self._kill(actor)
+                    self._start_failed(actor.key, PromptTimeout(self._unplaced(actor)))
+                return
             try:
                 info = self.ray.get(actor.describing)
-            except Exception:  # it could not start: forget it
-                with self._lock:
-                    self._drop(actor)
-                    self._dispatch()
+            except Exception as error:  # it could not start
+                self._actors.remove(actor)
+                self._kill(actor)
+                self._start_failed(
+                    actor.key, WorkerCrashed(f"A Ray actor could not start: {error}")
+                )
                 return
-            with self._lock:
-                actor.info, actor.describing = info, None
-                self._dispatch()
+            actor.info, actor.describing = info, None
+            self._act(self._placement.arrived(actor, actor.key))
+
+    def _unplaced(self, actor: Actor) -> str:
+        gpus = self.settings.ray_gpus
+        return (
+            f"The Ray cluster did not place a worker for model "
+            f"{actor.key.split(chr(0))[0]!r} within LLM_ASYNC_POOL_LOAD_TIMEOUT: each "
+            f"asks for {self._threads:g} CPU (LLM_ASYNC_POOL_THREADS)"
+            + (f" and {gpus:g} GPU (LLM_ASYNC_POOL_RAY_GPUS)" if gpus else "")
+            + ", and no node had them free"
+        )
+
+    def _kill(self, actor: Actor) -> None:
+        try:
+            self.ray.kill(actor.handle, no_restart=True)
+        except Exception:
+            pass
 
     def _retire_idle(self) -> None:
         now = time.monotonic()
         with self._lock:
             for actor in list(self._actors):
                 idle = actor.idle_since
-                if actor.item is None and idle and now - idle >= self.settings.idle_timeout:
-                    self._drop(actor)
+                if actor.task is None and idle and now - idle >= self.settings.idle_timeout:
+                    self._actors.remove(actor)
+                    self._act(self._placement.retire(actor))
+                    self._act(self._placement.gone(actor, retired=True))
+                    self._kill(actor)
 
     # ------------------------------------------------------------ inspecting
     def workers(self) -> list[WorkerInfo]:
@@ -372,8 +420,8 @@ class RayPool(Pool):
                     pid,
                     memory(pid) if node == local else Memory(),
                     sorted(k.split("\0", 1)[0] for k in actor.models),
-                    actor.served,
-                    actor.item is not None,
+                    actor.count,
+                    actor.task is not None,
                     node=node,
                 )
             )
@@ -390,30 +438,31 @@ class RayPool(Pool):
 
     def idle(self) -> bool:
         with self._lock:
-            return not self._queue and not self._actors
+            return not self._placement.waiting() and not self._actors
 
     def shutdown(self, timeout: float = 5.0) -> None:
         with self._lock:
             if self.closed:
                 return
             self.closed = True
-            queued, self._queue = list(self._queue), deque()
+            queued = self._placement.drain()
             actors, self._actors = list(self._actors), []
-        for item in queued:
-            item.run.deliver(Failed(item.job.seq, PoolClosed("The Ray pool has shut down")))
+        for task in queued:
+            task.run.deliver(Failed(task.seq, PoolClosed("The Ray pool has shut down")))
         alive = self.ray.is_initialized()
         for actor in actors:
-            item = actor.item
-            if item is not None:
-                if item.generator is not None and alive:
+            task = actor.task
+            if task is not None:
+                if task.generator is not None and alive:
                     try:
-                        self.ray.cancel(item.generator)
+                        self.ray.cancel(task.generator)
                     except Exception:
                         pass
-                item.run.deliver(
-                    Failed(item.job.seq, PoolClosed("The Ray pool shut down while it ran"))
+                task.run.deliver(
+                    Failed(task.seq, PoolClosed("The Ray pool shut down while it ran"))
                 )
-            self._drop(actor)
+            if alive:
+                self._kill(actor)
 
 
 def _connect(ray: Any, address: str | None) -> str:

@@ -60,6 +60,15 @@ class Reactor:
             self._stopping = True
         self.wake()
 
+    def forget(self) -> None:
+        """In a forked copy of the app, where this thread does not exist: close
+        our copies of its fds."""
+        for fd in (self._wake_r, self._wake_w, self._selector.fileno()):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
     def _change(self, fd: int, callback: Callback | None, then: Callback | None) -> None:
         with self._lock:
             stopped = self._done

@@ -15,7 +15,6 @@ A model that is not in the registry runs one prompt at a time.
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
 import time
@@ -25,16 +24,20 @@ from typing import Any
 
 import llm
 
+from ..cells import Control, local
 from ..config import Settings
 from ..errors import PoolClosed
-from ..messages import Chunks, Control, Failed, Job, local_cells
+from ..messages import Chunks, Done, Failed, Job
 from ..runner import run_job
 from ..worker import class_name, registry
-from .base import Pool, WorkerInfo, memory
-from .run import Dispatched, Run
+from .base import Pool, Task, WorkerInfo, memory
+from .reactor import Reactor
+from .run import Run
 
 #: Seconds between checks, while waiting for an instance, that the prompt is still wanted.
 POLL = 0.05
+#: Seconds between two looks at the time limits, at most.
+TICK = 1.0
 
 
 class _Direct:
@@ -76,79 +79,101 @@ class ThreadPool(Pool):
     def __init__(self, settings):
         super().__init__(settings)
         self._size = settings.workers or os.cpu_count() or 1
-        self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._jobs: deque[tuple[Job, llm.Model, Run, Control]] = deque()
+        self._queue: deque[Task] = deque()
         self._threads = 0
-        self._running: dict[int, Control] = {}
+        self._running: set[Task] = set()
         self._served = 0
         self._models: dict[str, _Instances] = {}
-        self._seqs = itertools.count(1)
         self._last_used = time.monotonic()
+        self._clock: Reactor | None = None  # runs the time limits
+        self._next_tick = 0.0
 
-    async def submit(self, model: llm.Model, job: Job, settings: Settings) -> Run:
-        job.seq = next(self._seqs)
-        control = Control(local_cells())
-        run = Run(job, settings, cancel=lambda: self._cancel(job.seq, control), take=control.take)
-        with self._lock:
-            if self.closed:
-                raise PoolClosed("The thread pool has shut down")
-            self._jobs.append((job, model, run, control))
-            if self._threads < self._size:
-                self._threads += 1
-                threading.Thread(
-                    target=self._serve, name="llm-async-pool-thread", daemon=True
-                ).start()
-            self._changed.notify()
-        return run
+    def new_task(self, model: llm.Model, job: Job, settings: Settings) -> Task:
+        return Task(job, model, settings)  # it stays in this process
 
-    def _cancel(self, seq: int, control: Control) -> None:
-        with self._lock:
-            control.cancel(seq)
-            self._changed.notify_all()
+    def enqueue(self, task: Task) -> None:
+        task.queued = True
+        self._queue.append(task)
+        if self._threads < self._size:
+            self._threads += 1
+            threading.Thread(target=self._serve, name="llm-async-pool-thread", daemon=True).start()
+        if self._clock is None:
+            self._clock = Reactor("llm-async-pool-clock", self._tick)
+        self._changed.notify()
+
+    def unqueue(self, task: Task) -> bool:
+        if not task.queued:
+            return False
+        task.queued = False
+        return True
+
+    def stop(self, task: Task) -> None:
+        """A thread cannot be killed: the model stops before its next chunk."""
+        task.slot.cancel(task.seq)
+        self._changed.notify_all()
+
+    def take(self, task: Task, count: int, nbytes: int) -> None:
+        if task.slot is not None:
+            task.slot.take(count, nbytes)
+
+    def running(self) -> list[Task]:
+        return list(self._running)
+
+    def _tick(self) -> float:
+        now = time.monotonic()
+        self._next_tick = min(self.check_running(now) or now + TICK, now + TICK)
+        return max(0.0, self._next_tick - now)
 
     def _serve(self) -> None:
         while True:
             with self._lock:
-                while not self._jobs and not self.closed:
+                while not self._queue and not self.closed:
                     self._changed.wait()
-                if self.closed and not self._jobs:
+                if self.closed and not self._queue:
                     self._threads -= 1
                     return
-                job, model, run, control = self._jobs.popleft()
-            self._run(job, model, run, control)
+                task = self._queue.popleft()
+                if not task.queued or task.closed:
+                    continue
+                task.queued = False
+                task.slot = Control(local())  # its stop and backpressure cells
+            self._run(task)
 
-    def _run(self, job: Job, model: llm.Model, run: Run, control: Control) -> None:
-        key = job.model_key
-        instance, cold = self._checkout(key, model, job.seq, control)
+    def _run(self, task: Task) -> None:
+        key, control = task.key, task.slot
+        instance, cold = self._checkout(key, task.model, task.seq, control)
         if instance is None:
             if self.closed:
-                run.deliver(Failed(job.seq, PoolClosed("The thread pool has shut down")))
+                task.run.deliver(Failed(task.seq, PoolClosed("The thread pool has shut down")))
             return  # cancelled while it waited
         with self._lock:
-            self._running[job.seq] = control
+            task.begin(control, cold)
+            self._running.add(task)
+        if task.deadline is not None and task.deadline < self._next_tick:
+            self._clock.wake()
         state = self._models[key]
-        loaded = [False]
 
-        def mark_loaded() -> None:
-            if not loaded[0]:
-                loaded[0] = True
-                with self._lock:
+        def heard() -> None:
+            with self._lock:
+                task.hear()
+                if state.loading:
                     state.loading, state.loaded = False, True
                     self._changed.notify_all()
 
         try:
-            run.deliver(Dispatched(cold=cold))
-            event = run_job(job, instance, _Direct(run, mark_loaded), control)
-            mark_loaded()
-            run.deliver(event)
+            event = run_job(task.job, instance, _Direct(task.run, heard), control)
+            if not task.heard:
+                heard()
+            if not (task.stopping and type(event) is Done and event.cancelled):
+                task.run.deliver(event)
         finally:
             with self._lock:
-                del self._running[job.seq]
+                self._running.discard(task)
                 self._served += 1
                 self._last_used = time.monotonic()
                 state.free.append(instance)
-                if not loaded[0]:
+                if not task.heard:
                     state.loading = False
                 self._changed.notify_all()
 
@@ -191,18 +216,22 @@ class ThreadPool(Pool):
         """Nothing to do, and its loaded instances unused for the idle timeout."""
         with self._lock:
             unused = time.monotonic() - self._last_used >= self.settings.idle_timeout
-            return not self._jobs and not self._running and (unused or not self._models)
+            waiting = any(task.queued for task in self._queue)
+            return not waiting and not self._running and (unused or not self._models)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Stop running prompts; queued ones fail with PoolClosed."""
         with self._lock:
             self.closed = True
-            for seq, control in self._running.items():
-                control.cancel(seq)
-            queued, self._jobs = list(self._jobs), deque()
+            for task in self._running:
+                task.slot.cancel(task.seq)
+            queued = [task for task in self._queue if task.queued]
+            self._queue.clear()
             self._changed.notify_all()
-        for job, _model, run, _control in queued:
-            run.deliver(Failed(job.seq, PoolClosed("The thread pool has shut down")))
+        if self._clock is not None:
+            self._clock.stop()
+        for task in queued:
+            task.run.deliver(Failed(task.seq, PoolClosed("The thread pool has shut down")))
 
 
 def _fresh_instance(model: llm.Model) -> llm.Model | None:
