@@ -8,6 +8,7 @@ names the variable, the value and what is allowed.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -45,6 +46,7 @@ class PoolSettings:
     share: bool = True
     ray_address: str | None = None
     ray_gpus: float = 0.0
+    preload: tuple[str, ...] = ()  # modules the zygote imports
 
 
 @dataclass(frozen=True)
@@ -74,12 +76,33 @@ def api_backed(model: Any) -> bool:
 
 @functools.lru_cache(maxsize=256)
 def _pool_for(settings: Settings, model_id: str, api: bool) -> PoolSettings:
-    kind = dict(settings.models).get(model_id, settings.kind)
+    kind = _by_model_id(settings.models).get(model_id, settings.kind)
     if kind == "auto":
         if api:
             return replace(settings.pool, kind="thread", workers=settings.api_workers)
         kind = "process"
     return replace(settings.pool, kind=kind)
+
+
+@functools.lru_cache(maxsize=16)
+def _by_model_id(models: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    """``LLM_ASYNC_POOL_MODELS`` keyed by model id, its aliases resolved."""
+    resolved = {}
+    for name, kind in models:
+        model: Any = None
+        for get in (llm.get_model, llm.get_async_model):
+            try:
+                model = get(name)
+                break
+            except llm.UnknownModelError:
+                continue
+        if model is None:
+            raise PoolConfigError(
+                f"LLM_ASYNC_POOL_MODELS names {name!r}, which is not an installed model "
+                "or alias here (see llm models)"
+            )
+        resolved[model.model_id] = kind
+    return resolved
 
 
 NAMES = (
@@ -139,7 +162,10 @@ def _parse(raw: tuple[str, ...]) -> Settings:
         ray_address=(
             env["LLM_ASYNC_POOL_RAY_ADDRESS"].strip() or env["RAY_ADDRESS"].strip() or None
         ),
-        ray_gpus=_number(env, "LLM_ASYNC_POOL_RAY_GPUS", float, 0.0, 0.0, 1024, zero_ok=True),
+        ray_gpus=_number(
+            env, "LLM_ASYNC_POOL_RAY_GPUS", float, 0.0, 0.0, 1024, zero_ok=True, what="a number"
+        ),
+        preload=_preload(env["LLM_ASYNC_POOL_PRELOAD"]),
     )
     return Settings(
         pool=pool,
@@ -156,17 +182,25 @@ def _parse(raw: tuple[str, ...]) -> Settings:
     )
 
 
-def preload_modules(environ: Mapping[str, str] | None = None) -> list[str]:
-    """``LLM_ASYNC_POOL_PRELOAD``: modules the forkserver imports, so workers
+@functools.lru_cache(maxsize=16)
+def _preload(raw: str) -> tuple[str, ...]:
+    """``LLM_ASYNC_POOL_PRELOAD``: modules the zygote imports, so workers
     share their pages (``torch,numpy``)."""
-    env = os.environ if environ is None else environ
-    raw = env.get("LLM_ASYNC_POOL_PRELOAD", "")
-    names = [name.strip() for name in raw.split(",") if name.strip()]
+    names = tuple(name.strip() for name in raw.split(",") if name.strip())
     for name in names:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", name):
             raise PoolConfigError(
                 f"LLM_ASYNC_POOL_PRELOAD={raw!r} is not valid: use comma-separated "
                 "module names, e.g. torch,numpy"
+            )
+        try:
+            found = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            found = None
+        if found is None:
+            raise PoolConfigError(
+                f"LLM_ASYNC_POOL_PRELOAD names {name!r}, which is not installed here: "
+                "install it, or remove it from the list"
             )
     return names
 
@@ -218,7 +252,7 @@ def _models(env: dict[str, str]) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(mapping.items()))
 
 
-def _number(env, name, kind, default, least, most, zero_ok=False):
+def _number(env, name, kind, default, least, most, zero_ok=False, what=None):
     """A number above ``least`` (or equal, with ``zero_ok``), at most ``most``."""
     raw = env.get(name, "").strip()
     if not raw:
@@ -226,7 +260,7 @@ def _number(env, name, kind, default, least, most, zero_ok=False):
     if kind is int:
         what, valid = "an integer", raw.isascii() and re.fullmatch(r"\+?[0-9]+", raw)
     else:
-        what = "a number of seconds"
+        what = what or "a number of seconds"
         valid = raw.isascii() and re.fullmatch(FLOAT, raw)
     value = kind(raw) if valid else None
     low_ok = value is not None and (value > least or (zero_ok and value == least))

@@ -34,7 +34,6 @@ def status() -> dict[str, Any]:
 
     try:
         settings = config.load()
-        config.preload_modules()
     except PoolConfigError as error:
         report["error"] = str(error)
     else:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import os
 import pickle
 import uuid
 from typing import Any
@@ -102,7 +103,7 @@ def _encode_prompt(prompt: llm.Prompt) -> PromptSpec:
         fragments=list(prompt.fragments or []),
         system=prompt._system,
         system_fragments=list(prompt.system_fragments or []),
-        attachments=list(prompt.attachments),
+        attachments=[_absolute(attachment) for attachment in prompt.attachments],
         prompt_json=prompt.prompt_json,
         options=prompt.options,
         schema=prompt.schema,
@@ -111,6 +112,15 @@ def _encode_prompt(prompt: llm.Prompt) -> PromptSpec:
         messages=None if explicit is None else [m.to_dict() for m in explicit],
         hide_reasoning=getattr(prompt, "hide_reasoning", False),
     )
+
+
+def _absolute(attachment: llm.Attachment) -> llm.Attachment:
+    """A relative path resolves against the app's directory now, when the
+    prompt is made, as it would in a thread; the worker may be elsewhere."""
+    path = attachment.path
+    if path and not os.path.isabs(path) and dataclasses.is_dataclass(attachment):
+        return dataclasses.replace(attachment, path=os.path.abspath(path))
+    return attachment
 
 
 def _strip_tool(tool: Any) -> Any:

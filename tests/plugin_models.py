@@ -64,6 +64,7 @@ class Probe(llm.Model):
         odd_json: str | None = None  # set response_json to something unpicklable
         size: int = 0  # pad each chunk to this many characters
         finally_sleep: float = 0.0
+        env: str | None = None  # report this environment variable
 
     def __init__(self):
         self.loads = 0
@@ -111,6 +112,9 @@ class Probe(llm.Model):
                 for m in getattr(prompt, "messages", [])
             ],
             "loaded": len(getattr(conversation, "loaded_messages", None) or []),
+            "cwd": os.getcwd(),
+            "env": os.environ.get(options.env) if options.env else None,
+            "contents": [a.content_bytes().decode(errors="replace") for a in prompt.attachments],
         }
         response.set_usage(
             input=len(prompt.prompt.split()),
@@ -335,6 +339,50 @@ class ProbeKey(llm.KeyModel):
             yield f" {key}"
 
 
+class Connected(llm.Model):
+    """Opens one keep-alive connection to a server ($PROBE_SERVER_PORT) while it
+    loads, and asks it each prompt: as a model that talks to a local daemon."""
+
+    model_id = "probe-connected"
+
+    def __init__(self):
+        self.connection = None
+
+    def execute(self, prompt, stream, response, conversation):
+        import socket
+
+        if self.connection is None:
+            port = int(os.environ["PROBE_SERVER_PORT"])
+            self.connection = socket.create_connection(("127.0.0.1", port)).makefile("rwb")
+        self.connection.write(prompt.prompt.encode() + b"\n")
+        self.connection.flush()
+        yield self.connection.readline().decode().strip()
+
+
+class Flaky(llm.Model):
+    """Its first load fails (an interrupted download), later ones work; each
+    load is logged (pid, start, end) to $PROBE_LOAD_LOG."""
+
+    model_id = "probe-flaky"
+
+    def __init__(self):
+        self.weights = None
+
+    def execute(self, prompt, stream, response, conversation):
+        if self.weights is None:
+            marker = Path(os.environ["PROBE_FLAKY_MARKER"])
+            if not marker.exists():
+                marker.write_text("tried")
+                raise ConnectionError("the download was interrupted")
+            started = time.time()
+            time.sleep(0.3)
+            self.weights = b"x" * 2**20
+            with open(os.environ["PROBE_LOAD_LOG"], "a") as out:
+                out.write(json.dumps([os.getpid(), started, time.time()]) + "\n")
+        time.sleep(0.1)
+        yield f"ok from {os.getpid()}"
+
+
 class Plain(llm.Model):
     """No options, no streaming: the simplest sync model there is."""
 
@@ -386,4 +434,6 @@ def register_models(register):
     register(ProbeHttp())
     register(Mapped())
     register(OpenMP())
+    register(Connected())
+    register(Flaky())
     register(NativeSync(), NativeAsync())

@@ -31,6 +31,9 @@ from llm_async_procpool import PoolConfigError, config
         ("LLM_ASYNC_POOL_SHARE", "maybe", "use on or off"),
         ("LLM_ASYNC_POOL_MODELS", "probe=thread", "a JSON object"),
         ("LLM_ASYNC_POOL_MODELS", '{"probe": "gpu"}', "a JSON object"),
+        ("LLM_ASYNC_POOL_MODELS", '{"nope": "thread"}', "names 'nope', which is not an installed"),
+        ("LLM_ASYNC_POOL_PRELOAD", "numpy,no_such_module", "names 'no_such_module', which is not"),
+        ("LLM_ASYNC_POOL_RAY_GPUS", "lots", "'lots' is not valid: use a number >= 0 and"),
     ],
 )
 async def test_bad_value_fails_the_prompt_with_a_clear_error(monkeypatch, name, value, expected):
@@ -39,7 +42,17 @@ async def test_bad_value_fails_the_prompt_with_a_clear_error(monkeypatch, name, 
     with pytest.raises(PoolConfigError) as info:
         await llm.get_async_model("probe").prompt("x").text()
     message = str(info.value)
-    assert name in message and repr(value) in message and expected in message
+    assert name in message and expected in message
+    assert repr(value) in message or "names '" in expected  # those name the culprit
+
+
+async def test_models_may_be_named_by_alias(monkeypatch):
+    import os
+
+    monkeypatch.setenv("LLM_ASYNC_POOL_MODELS", '{"probe-alias": "thread"}')
+    response = llm.get_async_model("probe").prompt("x", chunks=1)
+    await response.text()
+    assert (await response.json())["pid"] == os.getpid()  # it ran in a thread of ours
 
 
 def test_defaults_and_valid_values():

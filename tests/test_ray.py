@@ -130,6 +130,34 @@ async def test_a_cancel_before_the_first_chunk_of_a_loaded_model_gets_only_the_g
     assert time.monotonic() - started < 20  # a new actor's start, not the load allowance
 
 
+@pytest.mark.parametrize(
+    "setting, value", [("LLM_ASYNC_POOL_RAY_GPUS", "1"), ("LLM_ASYNC_POOL_THREADS", "2")]
+)
+async def test_a_worker_no_node_can_run_fails_at_once_naming_the_setting(
+    ray_pool, monkeypatch, setting, value
+):
+    from llm_async_procpool import PoolConfigError
+
+    monkeypatch.setenv(setting, value)  # each node has 1 CPU and no GPU
+    started = time.monotonic()
+    with pytest.raises(PoolConfigError) as info:
+        await asyncio.wait_for(probe().prompt("x").text(), 30)
+    assert time.monotonic() - started < 10
+    assert setting in str(info.value) and "No node of the Ray cluster" in str(info.value)
+
+
+async def test_a_prompt_sent_to_an_actor_that_died_idle_is_placed_again(ray_pool):
+    await asyncio.gather(*(probe().prompt(str(i), chunks=2, delay=0.05).text() for i in range(2)))
+    pids = [w.pid for w in the_pool().workers() if w.pid]
+    assert len(pids) == 2
+    os.kill(pids[0], 9)  # it dies idle: the pool has not heard of it yet
+    texts = await asyncio.wait_for(
+        asyncio.gather(*(probe().prompt(str(i), chunks=2, delay=0.05).text() for i in range(2))),
+        60,
+    )
+    assert texts == ["0 1 "] * 2
+
+
 async def test_a_killed_actor_fails_its_prompt_and_the_next_succeeds(ray_pool):
     with pytest.raises(WorkerCrashed) as info:
         await probe().prompt("x", chunks=10, delay=0.01, fail="kill", fail_after=3).text()

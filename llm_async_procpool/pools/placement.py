@@ -200,14 +200,17 @@ class Placement:
 
     def start_failed(self, key: str) -> tuple[Any, list[Action]]:
         """A worker or template that was asked for will not come: the prompt it
-        was started for (to fail, if the pool cannot start processes), and what
+        was started for, taken out of the queue for the pool to fail, and what
         to do next."""
         self.live -= 1
         state = self.model(key)
         state.starting -= 1
         if state.phase is Phase.LOADING and state.loader in (None, "template"):
             state.loader, state.phase = None, Phase.COLD
-        return self._head(state), self.decide()
+        head = self._head(state)
+        if head is not None:
+            self.cancel(head)
+        return head, self.decide()
 
     def fork_lost(self, key: str) -> list[Action]:
         """A fork asked of a template that died: nothing ran, so its prompt waits on."""

@@ -187,7 +187,7 @@ class ProcessPool(Pool):
                 cells=cells.size_for(MAX_WORKERS),
                 path=list(sys.path),
                 cwd=context.cwd,
-                preload=_preload(),
+                preload=list(self.settings.preload),
             )
             self._zygote = launch.Zygote(boot, self._cells_fd, self.cells)
             self._zygote_ready = False
@@ -770,9 +770,3 @@ class ProcessPool(Pool):
 
 def _model_id(key: str) -> str:
     return key.split("\0", 1)[0]
-
-
-def _preload() -> list[str]:
-    from ..config import preload_modules
-
-    return preload_modules()

@@ -14,7 +14,7 @@ within the load allowance fails then. Each prompt is one call of the actor's
 streaming generator, consumed on the app's event loop (``async for ref in
 gen``) and fed to the same ``Run`` as the other pools. Ray never retries a
 prompt (a retry would replay a stream); but a prompt sent to an actor that
-had died with its node, before any of it ran, is placed again. Cancel,
+had died (with its node, say), before any of it ran, is placed again, once. Cancel,
 timeout and a consumer that walks away ``ray.cancel`` the generator; an
 actor that has not stopped within the grace period is killed and replaced.
 
@@ -66,6 +66,7 @@ class RayTask(Task):
     api_key: str | None = None  # sent apart from the pickled job
     generator: Any = None  # the actor's stream, once called
     feeder: Any = None  # the asyncio task reading it, kept so it is not collected
+    requeued: bool = False  # placed again once already: its actor was dead
 
 
 class Actor:
@@ -274,8 +275,8 @@ class RayPool(Pool):
             for other in list(self._actors):  # its idle neighbours died with the node
                 if other.info.get("node") in dead and other.task is None:
                     self._drop(other)
-            if not task.heard and node in dead:  # none of it ran: place it again
-                task.slot = None
+            if not task.heard and not task.requeued:  # none of it ran: place it again
+                task.slot, task.requeued = None, True  # (once: its model may be what kills)
                 self._act(self._placement.requeue(task))
                 return
         task.run.deliver(
