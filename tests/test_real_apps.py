@@ -201,7 +201,7 @@ def test_gunicorn_preload_with_uvicorn_workers_answers_every_request_with_its_ow
                 if data["prompt"] != name or data["text"] != expected:
                     errors.append(f"{name} got {data}")
                 replies.append(data)
-            except Exception as error:  # noqa: BLE001 - reported below
+            except Exception as error:
                 errors.append(f"{name}: {type(error).__name__}: {error}")
 
         threads = [threading.Thread(target=fetch, args=(i,)) for i in range(60)]
@@ -254,9 +254,7 @@ def test_a_single_threaded_uvloop_app_gets_its_replies(tmp_path):
     assert out.split() == ["uvloop"]
 
 
-def test_an_app_that_logs_to_a_file_keeps_its_log_and_the_models_files_apart(
-    tmp_path, app_shape
-):
+def test_an_app_that_logs_to_a_file_keeps_its_log_and_the_models_files_apart(tmp_path, app_shape):
     """The app's log file stays open in its workers: a model that logs, then
     writes a file of its own, finds each line where it belongs."""
     out = script(
@@ -560,9 +558,7 @@ def test_a_killed_app_without_a_main_guard_leaves_no_process_behind(tmp_path):
         "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), *sys.path]),
         "LLM_ASYNC_POOL_WORKERS": "2",
     }
-    app = subprocess.Popen(
-        [sys.executable, str(path)], env=env, stdout=subprocess.PIPE, text=True
-    )
+    app = subprocess.Popen([sys.executable, str(path)], env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert app.stdout.readline().strip() == "running"
         ours = descendants(app.pid)
