@@ -212,10 +212,15 @@ class Placement:
             self.cancel(head)
         return head, self.decide()
 
-    def fork_lost(self, key: str) -> list[Action]:
-        """A fork asked of a template that died: nothing ran, so its prompt waits on."""
+    def fork_lost(self, key: str, template: Any) -> list[Action]:
+        """A fork asked of a template that can fork no more (it died): nothing
+        ran, so its prompt waits on, and no more forks are asked of it."""
         self.live -= 1
-        self.model(key).starting -= 1
+        state = self.model(key)
+        state.starting -= 1
+        if state.template is template:
+            state.template = None
+            state.phase = Phase.WARM if self._idle_with.get(key) else Phase.COLD
         return self.decide()
 
     # ------------------------------------------------------------ templates

@@ -243,7 +243,7 @@ class ProcessPool(Pool):
                 pipes.close()
                 self._indexes.append(index)
                 if template is not None:  # its template died: the prompt waits on
-                    actions = self._placement.fork_lost(key)
+                    actions = self._placement.fork_lost(key, template)
                 else:
                     failed, actions = self._placement.start_failed(key)
                 self._act(actions)
