@@ -22,10 +22,11 @@ from typing import Any
 
 from .. import channel
 from ..cells import Control
+from ..errors import WorkerCrashed
 from ..messages import Context
 from .base import Task
 from .inbox import Inbox
-from .launch import Handle, Pipes
+from .launch import Handle, Pipes, describe_exit
 
 #: Seconds a retired worker gets to exit on its own before it is killed.
 RETIRE_GRACE = 5.0
@@ -127,6 +128,25 @@ class Slot:
             os.close(fd)
         self.inbox.close()
         self.handle.close()
+
+    def death(self, task: Task, code: int | None) -> WorkerCrashed:
+        """What its prompt's consumer is told when it died running it."""
+        model_id = task.job.model_id
+        template = self.template
+        if code is None and template is not None:
+            how = describe_exit(template.handle.exit_code(0.2))
+            return WorkerCrashed(
+                f"The worker process (pid {self.pid}) running model {model_id!r} ended "
+                f"because the template process it was forked from (pid {template.handle.pid}) "
+                f"{how.replace('ended when the process', 'the process')}. Every prompt "
+                "running on a worker forked from that template ended with it; the pool "
+                "loads the model again for the next prompts."
+            )
+        how = describe_exit(code) if code is not None else "ended with the pool's zygote process"
+        return WorkerCrashed(
+            f"The worker process (pid {self.pid}) running model {model_id!r} {how}. "
+            "The pool has replaced it; other prompts are not affected."
+        )
 
     def forget(self) -> None:
         """In a forked copy of the app: close our copies of its fds, nothing else."""
