@@ -37,7 +37,7 @@ import llm
 
 from benchmarks.local_models import register_plugin as register_local
 from benchmarks.models import register_plugin
-from llm_async_procpool import bench, live_pools, shutdown_pools
+from llm_async_procpool import bench, bench_report, live_pools, shutdown_pools
 
 HERE = Path(__file__).parent
 CONTENDERS = ("serial", "thread", "process", "process-1", "ceiling")
@@ -121,13 +121,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: skipped, {needs} is not installed")
             continue
         report = bench.run(
-            workload, counts, args.rounds, args.workers, CONTENDERS, bench.progress_bar()
+            workload, counts, args.rounds, args.workers, CONTENDERS, bench_report.progress_bar()
         )
         report["one_process"] = one_process(workload)
         report["pool"] = pool_memory(workload, args.workers)
         results[name] = report
         print(f"\n{name}, {args.workers} workers, {args.rounds} rounds (median, min-max):")
-        print(bench.table(report))
+        print(bench_report.table(report))
         print(memory_line(report))
     (HERE / "local-latest.json").write_text(json.dumps(results, indent=2))
     with open(HERE / "local-latest.md", "w") as out:
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         out.write(f"Machine: {machine}\n\n")
         for name, report in results.items():
             out.write(f"### {name} {report['workload']['options']}\n\n")
-            out.write(bench.markdown(report) + "\n\n" + memory_line(report) + "\n\n")
+            out.write(bench_report.markdown(report) + "\n\n" + memory_line(report) + "\n\n")
     print(f"\nwrote {HERE / 'local-latest.md'} and {HERE / 'local-latest.json'}")
     return 0
 

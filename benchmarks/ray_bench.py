@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     loopback_only()
     from benchmarks.models import register_plugin
-    from llm_async_procpool import bench, shutdown_pools
+    from llm_async_procpool import bench, bench_report, shutdown_pools
 
     register_plugin()
     cluster, startup = start_cluster()
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         workload = bench.Workload("bench-gil", "gil", {"tokens": 40, "work": 20_000})
         counts = [int(c) for c in args.concurrency.split(",")]
         report = bench.run(
-            workload, counts, args.rounds, 2, ("process", "ray"), bench.progress_bar()
+            workload, counts, args.rounds, 2, ("process", "ray"), bench_report.progress_bar()
         )
         extra: dict = {"ray_startup_s": startup, "blast": {}, "cancel_ms": {}}
         os.environ["LLM_ASYNC_POOL_WORKERS"] = "2"
@@ -125,14 +125,14 @@ def main(argv: list[str] | None = None) -> int:
         "ray_startup_s": startup,
     }
     print("\nbench-gil, 2 workers (process) against 2 actors on 2 nodes (ray):")
-    print(bench.table(report))
+    print(bench_report.table(report))
     print(json.dumps(summary, indent=2))
     (HERE / "ray-latest.json").write_text(
         json.dumps({"report": report, **extra, **summary}, indent=2)
     )
     (HERE / "ray-latest.md").write_text(
         f"Machine: {bench.machine()}\n\n### bench-gil {workload.options}\n\n"
-        + bench.markdown(report)
+        + bench_report.markdown(report)
         + f"\n\n```\n{json.dumps(summary, indent=2)}\n```\n"
     )
     print(f"wrote {HERE / 'ray-latest.md'}")

@@ -22,7 +22,7 @@ from pathlib import Path
 import llm
 
 from benchmarks.models import register_plugin
-from llm_async_procpool import bench, config, shutdown_pools
+from llm_async_procpool import bench, bench_report, config, shutdown_pools
 from llm_async_procpool.messages import Chunks
 from llm_async_procpool.pools import get_pool
 from llm_async_procpool.wire import encode_job
@@ -212,13 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     rounds = 1 if args.quick else args.rounds
     counts = [1, 2] if args.quick else [int(c) for c in args.concurrency.split(",")]
     workloads = [w for w in WORKLOADS if not args.only or w.model_id in args.only.split(",")]
-    show = bench.progress_bar()
+    show = bench_report.progress_bar()
     reports = []
     for workload in workloads:
         report = bench.run(workload, counts, rounds, args.workers, bench.DEFAULT_CONTENDERS, show)
         reports.append(report)
-        print(f"\n{bench.title(report['workload'])}, {args.workers} workers, {rounds} rounds:")
-        print(bench.table(report))
+        print(
+            f"\n{bench_report.title(report['workload'])}, {args.workers} workers, {rounds} rounds:"
+        )
+        print(bench_report.table(report))
     os.environ["LLM_ASYNC_POOL_WORKERS"] = str(args.workers)
     extra = {
         "blast": blast(rounds=3 if args.quick else 7, tokens=50_000 if args.quick else 300_000),
@@ -243,12 +245,14 @@ def main(argv: list[str] | None = None) -> int:
         "targets": [{"target": n, "measured": f, "met": m} for n, f, m in results],
     }
     (out / f"{stamp}.json").write_text(json.dumps(payload, indent=2))
-    bench.save(reports, None, str(out / f"{stamp}.md"))
+    bench_report.save(reports, None, str(out / f"{stamp}.md"))
     with open(out / f"{stamp}.md", "a") as md:
         md.write("### Targets\n\n| target | measured | met |\n|---|---|---|\n")
         for name, figure, met in results:
             md.write(f"| {name} | {figure} | {'yes' if met else 'no'} |\n")
-    plotted = bench.plot(reports, str(out / f"{stamp}.png"))
+    plotted = bench_report.can_plot()
+    if plotted:
+        bench_report.plot(reports, str(out / f"{stamp}.png"))
     if not args.quick:
         for suffix in ("json", "md") + (("png",) if plotted else ()):
             shutil.copy(out / f"{stamp}.{suffix}", HERE / f"latest.{suffix}")

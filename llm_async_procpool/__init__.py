@@ -38,14 +38,10 @@ from .errors import (
     ReplyNotSendable,
     WorkerCrashed,
 )
+from .loading import IMPORT_ERROR
 
-try:
-    from .pools import live_pools, shutdown_pools
-    from .twin import AsyncKeyTwin, AsyncTwin, make_twin
-except Exception as error:  # never break the host: see status()
-    IMPORT_ERROR: Exception | None = error
-else:
-    IMPORT_ERROR = None
+if IMPORT_ERROR is None:
+    from .loading import AsyncKeyTwin, AsyncTwin, live_pools, make_twin, shutdown_pools
 
 __all__ = [
     "AsyncKeyTwin",

@@ -11,32 +11,30 @@ noisy machine affects them all alike:
   no async, no streaming and no IPC per chunk: the parallelism the machine
   really gives right now.
 
-Used by ``llm async-pool bench`` and by ``python -m benchmarks``.
+Used by ``llm async-pool bench`` and by ``python -m benchmarks``. It imports
+little at the top: the CLI imports it whenever ``llm`` starts, and must work
+even where the plugin itself cannot.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import multiprocessing
 import os
 import random
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import cloudpickle
 import llm
 
 from . import threads
-from .cli import CONTENDERS, DEFAULT_CONTENDERS
-from .pools import live_pools, shutdown_pools
-from .pools.base import memory
 
-COLORS = dict(zip(CONTENDERS, ("C0", "C1", "C2", "C5", "C4", "C3", "C6"), strict=True))
+CONTENDERS = ("serial", "thread", "process", "process-1", "all-models-async", "ceiling", "ray")
+DEFAULT_CONTENDERS = ("serial", "thread", "process", "all-models-async", "ceiling")
+
 HEARTBEAT = 0.001  # seconds the event-loop heartbeat sleeps
 SETTLE = 0.3  # seconds between two contenders' samples
 
@@ -125,6 +123,8 @@ def _ceiling_init(model_id: str, blob: bytes, share: int) -> None:
     os.environ.update(threads.environment(dict(os.environ), share))
     threads.limit(share)  # for libraries imported with this module, before the knobs
     found = {m.model.model_id: m.model for m in llm.get_models_with_aliases() if m.model}
+    import cloudpickle
+
     _ceiling_model = found.get(model_id) or cloudpickle.loads(blob)
 
 
@@ -144,7 +144,9 @@ class Contenders:
         self.names = list(names)
         self.ceiling = None
         if "ceiling" in self.names:
-            # spawn: independent of the forkserver the process pool preloads
+            import cloudpickle
+
+            # spawn: independent of the pool, which may have forked from this process
             context = multiprocessing.get_context("spawn")
             self.ceiling = context.Pool(
                 workers,
@@ -211,6 +213,8 @@ def run(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Measure every contender at every concurrency, interleaved, ``rounds`` times."""
+    from .pools import shutdown_pools
+
     saved = {k: os.environ.get(k) for k in ("LLM_ASYNC_POOL", "LLM_ASYNC_POOL_WORKERS")}
     workers = workers or os.cpu_count() or 1
     os.environ["LLM_ASYNC_POOL_WORKERS"] = str(workers)
@@ -253,6 +257,8 @@ def run(
 
 def _start_times(bench: Contenders, workload: Workload, names: list[str]) -> dict:
     """First prompt of a fresh pool (spawn and model load) against the next one."""
+    from .pools import shutdown_pools
+
     times = {}
     for name in ("thread", "process"):  # process last: its pool stays up
         if name not in names:
@@ -267,6 +273,9 @@ def _start_times(bench: Contenders, workload: Workload, names: list[str]) -> dic
 
 
 def _memory() -> dict:
+    from .pools import live_pools
+    from .pools.base import memory
+
     workers = [
         {
             "pid": w.pid,
@@ -378,168 +387,3 @@ def _version(name: str) -> str | None:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return None
-
-
-# ----------------------------------------------------------------- output
-def table(report: dict) -> str:
-    """A console table: one line per contender and concurrency."""
-    head = (
-        f"{'contender':<17}{'conc':>5}{'prompts/s':>11}{'spread':>15}"
-        f"{'x serial':>9}{'tokens/s':>10}{'cpu ms/tok':>11}{'ttfc p50/p95 ms':>18}"
-        f"{'lag p50/p99/max ms':>22}"
-    )
-    lines = [head, "-" * len(head)]
-    serial = {
-        r["concurrency"]: r.get("prompts_per_s")
-        for r in report["results"]
-        if r["contender"] == "serial"
-    }
-    for r in sorted(
-        report["results"],
-        key=lambda r: (r["concurrency"], CONTENDERS.index(r["contender"])),
-    ):
-        if "error" in r:
-            lines.append(f"{r['contender']:<17}{r['concurrency']:>5}  fails: {r['error'][:80]}")
-            continue
-        base = serial.get(r["concurrency"])
-        ratio = f"{r['prompts_per_s'] / base:.2f}x" if base else "-"
-        ttfc = r.get("first_chunk_ms")
-        lag = r.get("loop_lag_ms")
-        cpu = r.get("cpu_ms_per_token")
-        lines.append(
-            f"{r['contender']:<17}{r['concurrency']:>5}{r['prompts_per_s']:>11.2f}"
-            f"{r['spread'][0]:>7.2f}-{r['spread'][1]:<7.2f}{ratio:>9}{r['tokens_per_s']:>10.0f}"
-            + (f"{cpu:>11.2f}" if cpu is not None else f"{'-':>11}")
-            + (f"{ttfc['p50']:>9.2f}/{ttfc['p95']:<8.2f}" if ttfc else f"{'-':>18}")
-            + (f"{lag['p50']:>8.2f}/{lag['p99']:.2f}/{lag['max']:.2f}" if lag else f"{'-':>10}")
-        )
-    start = report.get("start") or {}
-    for name, times in start.items():
-        cold, warm = times["cold_first_chunk"], times["warm_first_chunk"]
-        if cold is not None and warm is not None:
-            lines.append(
-                f"{name}: cold first chunk {cold * 1000:.0f} ms, warm {warm * 1000:.1f} ms"
-            )
-    memory = report.get("memory") or {}
-    if memory:
-        workers = ", ".join(
-            f"{w['role']} {w['rss_mb']:.0f}/{w['pss_mb']:.0f}" for w in memory.get("workers", [])
-        )
-        lines.append(
-            f"RSS/PSS MB: parent {memory['parent_rss_mb']:.0f}; pool processes [{workers}]"
-        )
-    return "\n".join(lines)
-
-
-def markdown(report: dict) -> str:
-    rows = [
-        "| contender | concurrency | prompts/s (median) | spread | tokens/s | CPU ms/token "
-        "| first chunk p50 / p95 ms | loop lag p50 / p99 / max ms |",
-        "|---|---:|---:|---|---:|---:|---|---|",
-    ]
-    for r in sorted(
-        report["results"],
-        key=lambda r: (r["concurrency"], CONTENDERS.index(r["contender"])),
-    ):
-        if "error" in r:
-            rows.append(
-                f"| {r['contender']} | {r['concurrency']} | fails | {r['error'][:60]} | | | | |"
-            )
-            continue
-        ttfc = r.get("first_chunk_ms")
-        lag = r.get("loop_lag_ms")
-        cpu = r.get("cpu_ms_per_token")
-        rows.append(
-            f"| {r['contender']} | {r['concurrency']} | {r['prompts_per_s']:.2f} | "
-            f"{r['spread'][0]:.2f}-{r['spread'][1]:.2f} | {r['tokens_per_s']:.0f} | "
-            + (f"{cpu:.2f} | " if cpu is not None else "- | ")
-            + (f"{ttfc['p50']:.2f} / {ttfc['p95']:.2f} | " if ttfc else "- | ")
-            + (f"{lag['p50']:.2f} / {lag['p99']:.2f} / {lag['max']:.2f} |" if lag else "- |")
-        )
-    return "\n".join(rows)
-
-
-def plot(reports: list[dict], path: str) -> bool:
-    """Throughput and loop lag against concurrency; False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
-        return False
-    figure, axes = plt.subplots(len(reports), 2, figsize=(11, 3.2 * len(reports)), squeeze=False)
-    for (left, right), report in zip(axes, reports, strict=True):
-        title = report["workload"]["model_id"]
-        for name in CONTENDERS:
-            rows = sorted(
-                (r for r in report["results"] if r["contender"] == name and "error" not in r),
-                key=lambda r: r["concurrency"],
-            )
-            if not rows:
-                continue
-            xs = [r["concurrency"] for r in rows]
-            style = {"marker": "o", "label": name, "color": COLORS[name]}
-            left.plot(xs, [r["prompts_per_s"] for r in rows], **style)
-            lagged = [r for r in rows if "loop_lag_ms" in r]
-            if lagged:
-                right.plot(
-                    [r["concurrency"] for r in lagged],
-                    [r["loop_lag_ms"]["p99"] for r in lagged],
-                    **style,
-                )
-        left.set_title(f"{title}: prompts/s (median)")
-        right.set_title(f"{title}: event-loop lag p99 (ms)")
-        counts = sorted({r["concurrency"] for r in report["results"]})
-        for axis in (left, right):
-            axis.set_xlabel("prompts at once")
-            axis.set_xscale("log", base=2)
-            axis.set_xticks(counts, [str(c) for c in counts])  # 1 2 4 8, not 2^0 2^1
-            axis.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
-            axis.grid(True, alpha=0.3)
-        right.set_yscale("log")
-        right.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        right.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        left.legend(fontsize=7)
-        right.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    return True
-
-
-def title(workload: dict) -> str:
-    repeat = workload.get("repeat", 1)
-    each = f", {repeat} prompts in turn per caller" if repeat > 1 else ""
-    return f"{workload['model_id']} {workload['options']}{each}"
-
-
-def save(reports: list[dict], json_path: str | None, markdown_path: str | None) -> None:
-    if json_path:
-        with open(json_path, "w") as out:
-            json.dump(reports, out, indent=2)
-    if markdown_path:
-        with open(markdown_path, "w") as out:
-            for report in reports:
-                out.write(f"### {title(report['workload'])}\n\n")
-                out.write(markdown(report) + "\n\n")
-
-
-def progress_bar(stream=sys.stderr) -> Callable[[str], None]:
-    """A one-line progress display: 'n/total' messages move the bar."""
-    state = {"label": ""}
-
-    def show(message: str) -> None:
-        if "/" in message and message.split("/")[0].isdigit():
-            done, total = (int(x) for x in message.split("/"))
-            filled = int(30 * done / total)
-            stream.write(
-                f"\r[{'#' * filled}{'.' * (30 - filled)}] {done}/{total} {state['label']:<40}"
-            )
-            if done == total:
-                stream.write("\n")
-        else:
-            state["label"] = message
-        stream.flush()
-
-    return show

@@ -7,8 +7,9 @@ import json
 
 import click
 
-CONTENDERS = ("serial", "thread", "process", "process-1", "all-models-async", "ceiling", "ray")
-DEFAULT_CONTENDERS = ("serial", "thread", "process", "all-models-async", "ceiling")
+from .bench import CONTENDERS, DEFAULT_CONTENDERS
+
+DEFAULT_PLOT = "llm-async-pool-bench.png"  # in the current directory
 
 
 def register(cli: click.Group) -> None:
@@ -99,8 +100,10 @@ def register(cli: click.Group) -> None:
     @click.option(
         "--plot",
         "plot_path",
+        is_flag=False,
+        flag_value=DEFAULT_PLOT,
         type=click.Path(dir_okay=False),
-        help="Write a PNG plot (needs matplotlib)",
+        help=f"Write a PNG plot (needs matplotlib); --plot alone writes ./{DEFAULT_PLOT}",
     )
     def bench_command(
         model_ids,
@@ -121,7 +124,13 @@ def register(cli: click.Group) -> None:
         """
         import llm
 
-        from . import bench
+        from . import bench, bench_report
+
+        if plot_path and not bench_report.can_plot():
+            raise click.ClickException(
+                "--plot needs matplotlib: pip install 'llm-async-procpool[plot]' "
+                "(or pip install matplotlib)"
+            )
 
         try:
             counts = [int(c) for c in concurrency.split(",") if c.strip()]
@@ -152,24 +161,20 @@ def register(cli: click.Group) -> None:
             except Exception as error:
                 raise click.ClickException(f"Invalid option for {model_id}: {error}") from None
             workload = bench.Workload(model.model_id, prompt, validated)
-            report = bench.run(workload, counts, rounds, workers, chosen, bench.progress_bar())
+            progress = bench_report.progress_bar()
+            report = bench.run(workload, counts, rounds, workers, chosen, progress)
             reports.append(report)
             click.echo(
                 f"\n{model.model_id} {validated}, {report['workers']} workers, "
                 f"{rounds} rounds (median, min-max):"
             )
-            click.echo(bench.table(report))
-        bench.save(reports, json_path, markdown_path)
+            click.echo(bench_report.table(report))
+        bench_report.save(reports, json_path, markdown_path)
         for kind, path in (("JSON", json_path), ("Markdown", markdown_path)):
             if path:
                 click.echo(f"Wrote {kind} results to {path}")
         if plot_path:
-            if bench.plot(reports, plot_path):
-                click.echo(f"Wrote the plot to {plot_path}")
-            else:
-                click.echo(
-                    "No plot: matplotlib is not installed (pip install matplotlib)", err=True
-                )
+            click.echo(f"Wrote the plot to {bench_report.plot(reports, plot_path)}")
 
 
 def render(report: dict) -> str:

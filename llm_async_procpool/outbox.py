@@ -17,8 +17,8 @@ from typing import Any
 
 from . import channel
 from .errors import RemoteError
+from .faults import describe_unsendable, portable_error
 from .messages import KINDS, Chunks, Done, Failed, NeedModel, ResponseState
-from .wire import describe_unsendable, portable_error
 
 #: A chunk never waits in the outbox longer than this, in seconds.
 MAX_HOLD = 0.002

@@ -16,7 +16,7 @@ class CheckFailed(Exception):
 
 def status() -> dict[str, Any]:
     """Settings from the environment, which models get twins, and live workers."""
-    from . import IMPORT_ERROR
+    from .loading import IMPORT_ERROR
 
     report: dict[str, Any] = {}
     if IMPORT_ERROR is not None:

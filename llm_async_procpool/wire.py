@@ -3,13 +3,12 @@
 Parent side: ``encode_job`` turns the ``Prompt`` and ``AsyncConversation`` an
 async twin receives into a ``Job``; ``dumps_job`` pickles it, naming the part
 that cannot be pickled; ``apply_state`` copies what the sync model did to its
-``response`` onto the parent's ``AsyncResponse``; ``rebuild_error`` turns an
-``ErrorCopy`` back into the model's own exception class.
+``response`` onto the parent's ``AsyncResponse``; ``AppContext`` is the app's
+directory and environment, as a worker takes them on.
 
 Worker side: ``decode_job`` rebuilds a sync ``Prompt``, ``Response`` and
 ``Conversation`` for the worker's own model; ``capture_state`` reads back what
-``execute()`` set on that response; ``portable_error`` makes an exception
-survive the trip.
+``execute()`` set on that response. (Exceptions cross in ``faults``.)
 
 Earlier turns use llm's own ``Response.to_dict()`` / ``from_dict()`` and
 ``Message.to_dict()`` where the installed llm has them (0.32 and later); the
@@ -21,10 +20,8 @@ travels as its text.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 import os
-import pickle
 import uuid
 from typing import Any
 
@@ -32,8 +29,16 @@ import cloudpickle
 import llm
 
 from . import channel
-from .errors import PromptNotSendable, RemoteError, RemoteTraceback, ReplyNotSendable
-from .messages import ConversationSpec, ErrorCopy, Failed, Job, PromptSpec, ResponseState, Turn
+from .errors import PromptNotSendable
+from .faults import picklable
+from .messages import (
+    Context,
+    ConversationSpec,
+    Job,
+    PromptSpec,
+    ResponseState,
+    Turn,
+)
 
 #: What the installed llm offers (the parent and its workers share one install).
 HAS_TO_DICT = hasattr(llm.Response, "to_dict") and hasattr(llm, "Message")
@@ -55,6 +60,24 @@ def model_identity(model: llm.Model) -> tuple[str, str]:
             token = f"id{id(cls):x}"
     name = f"{cls.__module__}.{cls.__qualname__}"
     return f"{model.model_id}\0{name}#{token}", name
+
+
+class AppContext:
+    """The app's directory and environment, as a ``Context`` that is a new
+    object only when they changed (so a worker is sent one only then)."""
+
+    def __init__(self):
+        self._environ: Any = None
+        self._context: Context | None = None
+
+    def __call__(self) -> Context:
+        cwd = os.getcwd()
+        raw = getattr(os.environ, "_data", os.environ)  # cheap to compare
+        context = self._context
+        if context is None or context.cwd != cwd or raw != self._environ:
+            self._environ = dict(raw)
+            context = self._context = Context(cwd, dict(os.environ))
+        return context
 
 
 def encode_job(
@@ -137,7 +160,7 @@ def _strip_tool(tool: Any) -> Any:
 
 def _plain_tool_result(result: Any) -> Any:
     exception = result.exception
-    if exception is not None and not _picklable(exception):
+    if exception is not None and not picklable(exception):
         exception = Exception(f"{type(exception).__name__}: {exception}")
     return dataclasses.replace(result, instance=None, exception=exception)
 
@@ -154,6 +177,24 @@ def dumps_job(job: Job) -> bytes:
             f"{cause}). Pass picklable values, or set LLM_ASYNC_POOL=thread "
             "to run this model in-process."
         ) from None
+
+
+def dumps_with_model(job: Job, model: llm.Model) -> bytes:
+    """The job with the model itself, for a worker whose registry lacks it
+    (a model registered at runtime)."""
+    try:
+        job.model_blob = cloudpickle.dumps(model)
+        return dumps_job(job)
+    except PromptNotSendable:
+        raise
+    except Exception as error:
+        raise PromptNotSendable(
+            f"Model {job.model_id!r} is not installed as a plugin where the worker can "
+            f"load it, and it cannot be pickled either ({type(error).__name__}: {error}). "
+            "Install its plugin, or set LLM_ASYNC_POOL=thread."
+        ) from None
+    finally:
+        job.model_blob = None
 
 
 def _find_unpicklable(job: Job) -> tuple[str, Exception] | None:
@@ -193,54 +234,6 @@ def apply_state(state: ResponseState, response: Any, tool_calls: bool = True) ->
         response._prompt_json = state.prompt_json
     if state.attachments:
         response.attachments = list(state.attachments)
-
-
-def decode_event(kind: int, payload: bytes, model_id: str) -> Any:
-    """An event from a worker, as the consumer gets it: a ``Failed`` carries the
-    model's own exception class where this process can import it, and an
-    event that cannot be read here becomes a ``Failed`` that says so."""
-    try:
-        event = pickle.loads(payload)
-    except Exception as error:
-        return Failed(
-            0,
-            RemoteError(
-                type(error).__name__,
-                f"A reply from model {model_id!r} could not be read in this process: {error}",
-            ),
-        )
-    if type(event) is Failed:
-        event.error = rebuild_error(event.error, event.traceback)
-    return event
-
-
-def rebuild_error(error: BaseException | ErrorCopy, traceback_text: str) -> BaseException:
-    """The model's exception, as its own class where this process can import it."""
-    if isinstance(error, ErrorCopy):
-        error = _from_copy(error, traceback_text)
-    if traceback_text and error.__traceback__ is None and error.__cause__ is None:
-        error.__cause__ = RemoteTraceback(traceback_text)  # it was unpickled
-    return error
-
-
-def _from_copy(copy: ErrorCopy, traceback_text: str) -> BaseException:
-    try:
-        cls: Any = importlib.import_module(copy.module)
-        for part in copy.qualname.split("."):
-            cls = getattr(cls, part)
-        if not (isinstance(cls, type) and issubclass(cls, BaseException)):
-            raise TypeError(f"{copy.qualname} is not an exception class")
-        error = cls.__new__(cls, *copy.args)
-        error.args = copy.args
-        error.__dict__.update(copy.attributes)
-        return error
-    except Exception as problem:
-        return RemoteError(
-            copy.qualname,
-            f"{copy.message} (its class {copy.module}.{copy.qualname} could not be "
-            f"rebuilt in this process: {type(problem).__name__}: {problem})",
-            traceback_text,
-        )
 
 
 # ---------------------------------------------------------------- worker side
@@ -314,44 +307,4 @@ def capture_state(response: Any) -> ResponseState:
         tool_calls=list(response._tool_calls),
         prompt_json=getattr(response, "_prompt_json", None),
         attachments=list(response.attachments),
-    )
-
-
-def _picklable(value: Any) -> bool:
-    """Does it survive a round trip by reference (the plain pickler)?"""
-    try:
-        pickle.loads(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
-    except Exception:
-        return False
-    return True
-
-
-def portable_error(error: Any, traceback_text: str) -> BaseException | ErrorCopy:
-    """The error itself if it survives a pickle round trip, else an ``ErrorCopy``
-    the parent can rebuild as the same class. Never raises."""
-    if isinstance(error, ErrorCopy) or _picklable(error):
-        return error
-    try:
-        cls = type(error)
-        args = tuple(a for a in getattr(error, "args", ()) if _picklable(a))
-        attributes = {k: v for k, v in vars(error).items() if _picklable(v)}
-        return ErrorCopy(cls.__module__, cls.__qualname__, args, attributes, _text(error))
-    except Exception:
-        return RemoteError(type(error).__name__, _text(error), traceback_text)
-
-
-def _text(error: Any) -> str:
-    try:
-        return str(error)
-    except Exception:
-        return "(its message could not be read)"
-
-
-def describe_unsendable(what: str, value: Any, model_id: str, error: Exception) -> ReplyNotSendable:
-    cls = type(value)
-    return ReplyNotSendable(
-        f"Model {model_id!r} produced {what}, a {cls.__module__}.{cls.__qualname__}, that "
-        f"cannot be sent back from the worker process ({type(error).__name__}: {error}). "
-        "Yield strings or picklable values, or set LLM_ASYNC_POOL=thread to run the "
-        "model in-process."
     )

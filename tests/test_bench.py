@@ -5,7 +5,7 @@ import json
 from click.testing import CliRunner
 from llm.cli import cli
 
-from llm_async_procpool.cli import DEFAULT_CONTENDERS as CONTENDERS
+from llm_async_procpool.bench import DEFAULT_CONTENDERS as CONTENDERS
 
 
 def test_bench_command_on_a_tiny_configuration(tmp_path):
@@ -51,7 +51,10 @@ def test_bench_command_on_a_tiny_configuration(tmp_path):
         assert set(rows[(name, 2)]["first_chunk_ms"]) == {"p50", "p95"}
     # llm-all-models-async never copies Options, so a model with options fails
     assert "Extra inputs are not permitted" in rows[("all-models-async", 1)]["error"]
-    assert "fails:" in result.output
+    note = next(line for line in result.output.splitlines() if line.startswith("[1] "))
+    assert "all-models-async" in result.output and "fails [1]" in result.output
+    assert "Extra inputs are not" in note  # the whole message, wrapped, never cut
+    assert "Extra inputs are not permitted" in " ".join(result.output.split())
     assert set(report["start"]) == {"process", "thread"}
     assert len([w for w in report["memory"]["workers"] if w["role"] == "worker"]) == 2
     assert "| process | 2 |" in md_path.read_text()
@@ -65,3 +68,29 @@ def test_bench_rejects_bad_arguments():
     assert result.exit_code == 2 and "unknown ['gpu']" in result.output
     result = runner.invoke(cli, ["async-pool", "bench", "-m", "no-such-model"])
     assert result.exit_code == 1 and "no-such-model" in result.output
+
+
+def test_plot_alone_writes_a_readable_png_in_the_current_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(
+        cli,
+        [
+            *("async-pool", "bench", "-m", "probe", "--concurrency", "1,2", "--rounds", "1"),
+            *("--contenders", "serial,thread,process", "--workers", "2", "--plot"),
+        ],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    png = tmp_path / "llm-async-pool-bench.png"
+    assert f"Wrote the plot to {png}" in result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_plot_without_matplotlib_fails_before_running(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    result = CliRunner().invoke(cli, ["async-pool", "bench", "-m", "probe", "--plot"])
+    assert result.exit_code == 1
+    assert "--plot needs matplotlib: pip install" in result.output
+    assert "round" not in result.output  # nothing ran

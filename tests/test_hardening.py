@@ -462,11 +462,11 @@ def test_a_broken_plugin_in_the_worker_breaks_only_its_own_models(tmp_path):
 
         async def main():
             import cloudpickle
-            from llm_async_procpool.pools import process
+            from llm_async_procpool import wire
 
             pickled = []
             real = cloudpickle.dumps
-            process.cloudpickle.dumps = lambda v, *a, **k: pickled.append(v) or real(v, *a, **k)
+            wire.cloudpickle.dumps = lambda v, *a, **k: pickled.append(v) or real(v, *a, **k)
             text = await asyncio.wait_for(
                 llm.get_async_model("markov").prompt("a b c", length=3, delay=0).text(), 30
             )

@@ -54,7 +54,7 @@ async def test_installed_plugin_model_is_built_from_the_worker_registry(monkeypa
     (once per worker that loads it), which shows the spy sees what is pickled."""
     import cloudpickle
 
-    from llm_async_procpool.pools import process
+    from llm_async_procpool import wire
 
     monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "2")
     monkeypatch.setenv("LLM_ASYNC_POOL_MAX_TASKS", "1000")  # a pool of fresh workers
@@ -66,7 +66,7 @@ async def test_installed_plugin_model_is_built_from_the_worker_registry(monkeypa
             pickled.append(value.model_id)
         return real_dumps(value, *args, **kwargs)
 
-    monkeypatch.setattr(process.cloudpickle, "dumps", spy)
+    monkeypatch.setattr(wire.cloudpickle, "dumps", spy)
     markov, probe = llm.get_async_model("markov"), llm.get_async_model("probe")
     texts = await asyncio.gather(
         *(markov.prompt("a b c d", length=3, delay=0).text() for _ in range(4))

@@ -260,6 +260,17 @@ class Placement:
             state.starting -= 1
         return self.decide()
 
+    def sharing(self, pid: Callable[[Any], int]) -> dict[str, str]:
+        """Per model: shared from a template (``pid`` tells its process), or why not."""
+        report = {}
+        for key, state in self.models.items():
+            model_id = key.split("\0", 1)[0]
+            if state.template is not None:
+                report[model_id] = f"shared from template pid {pid(state.template)}"
+            elif state.shareable is False:
+                report[model_id] = f"not shared: {state.reason}"
+        return report
+
     # ------------------------------------------------------------ deciding
     def decide(self) -> list[Action]:
         actions: list[Action] = []

@@ -17,29 +17,26 @@ period, idle retirement.
 
 from __future__ import annotations
 
-import os
 import pickle
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import cloudpickle
-
 from .. import channel
 from ..cells import BUSY, Control
 from ..config import api_backed
 from ..errors import PoolClosed, PromptNotSendable
+from ..faults import decode_event
 from ..messages import KINDS, TERMINAL_KINDS, Chunks, Context, Done, Failed, NeedModel
-from ..wire import decode_event, dumps_job
+from ..wire import AppContext, dumps_with_model
 from . import launch
-from .base import Memory, Pool, Task, WorkerInfo, available_memory, memory, total_memory
+from .base import Memory, Pool, Task, WorkerInfo, memory
 from .inbox import Frames, Inbox
 from .placement import Begin, ForkFrom, Placement, Retire, StartTemplate, StartWorker
 from .reactor import Reactor
 from .slots import Slot, State
 from .supply import Supply
-from .templates import State as TemplateState
 
 #: Jobs larger than this are written from a helper thread, not under the lock.
 INLINE_JOB = 60_000
@@ -47,8 +44,6 @@ INLINE_JOB = 60_000
 SHUTDOWN_GRACE = 1.0
 #: Seconds between two looks at the timers while the pool has processes, at most.
 TICK = 1.0
-#: A new worker starts by default only while this share of memory stays available.
-KEEP_FREE = 0.5
 NEED_MODEL = KINDS[NeedModel]
 
 
@@ -57,16 +52,14 @@ class ProcessPool(Pool):
 
     def __init__(self, settings):
         super().__init__(settings)
-        self.placement = Placement(self._room)
         self.supply = Supply(self, self._lock)
+        self.placement = Placement(self.supply.room)
         self.cells = self.supply.cells
         self._slots: set[Slot] = set()
         self._lingering: set[Inbox] = set()  # pipes of gone workers a stopped loop holds
-        self._worker_cost = 0  # the most private memory a loaded worker has needed
         self._reactor: Reactor | None = None
         self._helper: ThreadPoolExecutor | None = None
-        self._environ: dict | None = None
-        self._context: Context | None = None
+        self._context = AppContext()
         self._empty_since = time.monotonic()
         self._next_tick = 0.0  # when the reactor will look at the timers next
 
@@ -88,14 +81,7 @@ class ProcessPool(Pool):
                         slot.inbox.to_reactor()
 
     def current_context(self) -> Context:
-        """The app's directory and environment now (a new object only when they changed)."""
-        cwd = os.getcwd()
-        raw = getattr(os.environ, "_data", os.environ)
-        context = self._context
-        if context is None or context.cwd != cwd or raw != self._environ:
-            self._environ = dict(raw)
-            context = self._context = Context(cwd, dict(os.environ))
-        return context
+        return self._context()
 
     def act(self, actions: Iterable[Any]) -> None:
         self._act(actions)
@@ -134,18 +120,6 @@ class ProcessPool(Pool):
         at least every ``TICK`` seconds while the pool has processes."""
         if deadline is not None and deadline < self._next_tick and self._reactor is not None:
             self._reactor.wake()
-
-    def _room(self, live: int) -> bool:
-        """May another worker start? By default, one per usable core, while at
-        least half of the machine's memory stays available after it."""
-        if self.settings.workers is not None:
-            return live < self.settings.workers
-        if live >= self.supply.cores:
-            return False
-        if live == 0 or not self._worker_cost:
-            return True
-        free, total = available_memory(), total_memory()
-        return free is None or not total or free - self._worker_cost >= KEEP_FREE * total
 
     def later(self, function: Callable[..., Any], *args: Any) -> None:
         """Run a blocking step off the event loop and off the reactor."""
@@ -226,32 +200,17 @@ class ProcessPool(Pool):
             if task.hear() and slot.task is task:
                 self._act(self.placement.loaded(slot, task.key))
         if task.cold and self.settings.workers is None and slot.template is None:
-            self.later(self._measure, slot)
-
-    def _measure(self, slot: Slot) -> None:
-        cost = memory(slot.pid).private or 0
-        with self._lock:
-            self._worker_cost = max(self._worker_cost, cost)
+            self.later(self.supply.measure, slot)
 
     def _send_model(self, slot: Slot, task: Task) -> None:
         """The worker's registry lacks this model: send it once, pickled."""
-        job = task.job
         try:
-            job.model_blob = cloudpickle.dumps(task.model)
-            payload = dumps_job(job)
-        except Exception as error:
-            reason = PromptNotSendable(
-                f"Model {job.model_id!r} is not installed as a plugin where the "
-                "worker can load it, and it cannot be pickled either "
-                f"({type(error).__name__}: {error}). Install its plugin, or set "
-                "LLM_ASYNC_POOL=thread."
-            )
-            slot.control.cancel(job.seq)
-            self._finish(slot, Failed(job.seq, reason))
+            payload = dumps_with_model(task.job, task.model)
+        except PromptNotSendable as error:
+            slot.control.cancel(task.seq)
+            self._finish(slot, Failed(task.seq, error))
             return
-        finally:
-            job.model_blob = None
-        slot.send([(job.seq, channel.JOB, payload, 0)])
+        slot.send([(task.seq, channel.JOB, payload, 0)])
 
     def _finish(self, slot: Slot, event: Done | Failed) -> None:
         with self._lock:
@@ -336,21 +295,12 @@ class ProcessPool(Pool):
             for slot in list(self._slots):
                 if slot.task is not None:
                     slot.inbox.watch_loop()  # a loop that stopped: the reactor reads for it
-                if slot.kill_at is not None:
-                    if slot.kill_at <= now:  # retired with the kill: a Done already on
-                        if slot.state is not State.RETIRED:  # its way must not free it
-                            slot.retire()
-                            self._act(self.placement.retire(slot))
-                        slot.kill_at = None
-                        slot.handle.kill()
-                    else:
-                        due.append(slot.kill_at)
-                elif slot.state is State.IDLE:
-                    if slot.idle_since + idle_timeout <= now:
-                        slot.retire()
-                        self._act(self.placement.retire(slot))
-                    else:
-                        due.append(slot.idle_since + idle_timeout)
+                retiring = slot.state is not State.RETIRED
+                when = slot.timer(now, idle_timeout)  # may kill or retire it
+                if retiring and slot.state is State.RETIRED:
+                    self._act(self.placement.retire(slot))
+                if when is not None:
+                    due.append(when)
             due += self.supply.tick(now, idle_timeout)
             for inbox in list(self._lingering):
                 if not inbox.prune():
@@ -381,14 +331,7 @@ class ProcessPool(Pool):
                 )
                 for s in sorted(self._slots, key=lambda s: s.pid)
             ]
-            infos += [
-                WorkerInfo(t.handle.pid, Memory(), [_model_id(t.key)], role="template")
-                for t in sorted(self.supply.templates, key=lambda t: t.index)
-                if t.state is TemplateState.READY
-            ]
-            zygote = self.supply.zygote_pid()
-            if zygote is not None:
-                infos.append(WorkerInfo(zygote, Memory(), role="zygote"))
+            infos += self.supply.infos()
         for info in infos:
             info.memory = memory(info.pid)
         return infos
@@ -396,14 +339,7 @@ class ProcessPool(Pool):
     def sharing(self) -> dict[str, str]:
         """Per model: is it shared from a template, and if not, why."""
         with self._lock:
-            report = {}
-            for key, state in self.placement.models.items():
-                template = state.template
-                if template is not None and template.state is TemplateState.READY:
-                    report[_model_id(key)] = f"shared from template pid {template.handle.pid}"
-                elif state.shareable is False:
-                    report[_model_id(key)] = f"not shared: {state.reason}"
-            return report
+            return self.placement.sharing(lambda template: template.handle.pid)
 
     def idle(self) -> bool:
         with self._lock:

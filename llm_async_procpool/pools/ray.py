@@ -1,11 +1,7 @@
 """A pool of Ray actors: the same twin, spread over a Ray cluster.
 
-``LLM_ASYNC_POOL=ray``. With ``LLM_ASYNC_POOL_RAY_ADDRESS`` (or Ray's own
-``RAY_ADDRESS``) it joins that cluster; otherwise it starts a local Ray
-instance that listens on 127.0.0.1 only; if the app has already called
-``ray.init()``, it uses that.
-
-One actor per worker (``ray_worker.RayWorker``), each asking Ray for
+``LLM_ASYNC_POOL=ray``; ``ray_cluster`` joins or starts the cluster. One
+actor per worker (``ray_worker.RayWorker``), each asking Ray for
 ``num_cpus`` = its thread budget and, with ``LLM_ASYNC_POOL_RAY_GPUS``, for
 GPUs. Prompts are placed by the same policy as the process pool's
 (``placement``), with an actor for a worker. A request no node of the
@@ -14,9 +10,9 @@ within the load allowance fails then. Each prompt is one call of the actor's
 streaming generator, consumed on the app's event loop (``async for ref in
 gen``) and fed to the same ``Run`` as the other pools. Ray never retries a
 prompt (a retry would replay a stream); but a prompt sent to an actor that
-had died (with its node, say), before any of it ran, is placed again, once. Cancel,
-timeout and a consumer that walks away ``ray.cancel`` the generator; an
-actor that has not stopped within the grace period is killed and replaced.
+had died (with its node, say), before any of it ran, is placed again, once.
+Cancel, timeout and a consumer that walks away ``ray.cancel`` the generator;
+an actor that has not stopped within the grace period is killed and replaced.
 
 The key travels as its own small task argument, apart from the pickled job,
 so it is never written to Ray's object store (which spills to disk). A
@@ -34,31 +30,20 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import cloudpickle
-
 from ..config import MAX_WORKERS
 from ..errors import PoolClosed, PoolConfigError, PromptTimeout, RemoteError, WorkerCrashed
+from ..faults import decode_event
 from ..messages import KINDS, TERMINAL_KINDS, Chunks, Done, Failed, Job, NeedModel
-from ..wire import decode_event, dumps_job
+from ..wire import dumps_job, dumps_with_model
 from .base import Memory, Pool, Task, WorkerInfo, memory
 from .placement import Begin, Placement, Retire, StartWorker
+from .ray_cluster import Actor, Cluster
 
 #: Streamed objects an actor may have yielded that the consumer has not read.
 BACKPRESSURE = 16
 #: Seconds between the watcher's checks of starting, stopping and idle actors.
 WATCH = 0.05
 NEED_MODEL = KINDS[NeedModel]
-
-
-def _import_ray() -> Any:
-    try:
-        import ray
-    except ImportError:
-        raise PoolConfigError(
-            "LLM_ASYNC_POOL=ray needs Ray: pip install 'llm-async-procpool[ray]' "
-            "(or pip install ray)"
-        ) from None
-    return ray
 
 
 @dataclass(eq=False)
@@ -69,38 +54,20 @@ class RayTask(Task):
     requeued: bool = False  # placed again once already: its actor was dead
 
 
-class Actor:
-    """A Ray actor, as the pool sees it: one worker."""
-
-    def __init__(self, handle: Any, key: str, settings: Any):
-        self.handle = handle
-        self.key = key  # the model it was started for
-        self.info: dict[str, Any] = {}  # node and pid, once Ray has placed it
-        self.models: set[str] = set()
-        self.task: RayTask | None = None
-        self.served: Any = None  # the last conversation it served
-        self.count = 0
-        self.idle_since: float | None = time.monotonic()
-        self.stopping: tuple[Any, float] | None = None  # (done ref, kill deadline)
-        self.describing = handle.describe.remote()  # answers once it runs
-        limit = settings.load_timeout if settings is not None else None
-        self.place_by = None if limit is None else time.monotonic() + limit
-
-
 class RayPool(Pool):
     kind = "ray"
 
     def __init__(self, settings):
         super().__init__(settings)
-        self.ray = _import_ray()
+        self._threads = settings.threads or 1
+        self.cluster = Cluster(settings.ray_address, self._threads, settings.ray_gpus)
+        self.ray = self.cluster.ray
         from ..ray_worker import RayWorker
 
-        self.address = _connect(self.ray, settings.ray_address)
-        self._threads = settings.threads or 1
-        self._resources: dict[str, Any] = {"num_cpus": self._threads}
+        resources: dict[str, Any] = {"num_cpus": self._threads}
         if settings.ray_gpus:
-            self._resources["num_gpus"] = settings.ray_gpus
-        self._actor_class = self.ray.remote(max_restarts=0, max_task_retries=0, **self._resources)(
+            resources["num_gpus"] = settings.ray_gpus
+        self._actor_class = self.ray.remote(max_restarts=0, max_task_retries=0, **resources)(
             RayWorker
         )
         self._placement = Placement(self._room)
@@ -128,8 +95,7 @@ class RayPool(Pool):
     def _room(self, live: int) -> bool:
         if self.settings.workers is not None:
             return live < self.settings.workers
-        cpus = int(self.ray.cluster_resources().get("CPU", 1))
-        return live < max(1, min(MAX_WORKERS, cpus // self._threads))
+        return live < max(1, min(MAX_WORKERS, self.cluster.cpus() // self._threads))
 
     def _do(self, action: Any) -> None:
         if type(action) is Begin:
@@ -140,7 +106,7 @@ class RayPool(Pool):
             self._drop(action.slot)
 
     def _new_actor(self, key: str) -> None:
-        problem = self._infeasible()
+        problem = self.cluster.infeasible()
         if problem is not None:
             self._start_failed(key, PoolConfigError(problem))
             return
@@ -148,28 +114,7 @@ class RayPool(Pool):
             dict(os.environ), self._threads
         )
         head = self._placement.models[key].waiting
-        settings = head[0].settings if head else None
-        self._actors.append(Actor(handle, key, settings))
-
-    def _infeasible(self) -> str | None:
-        """Why no node of the cluster can ever run an actor, if none can."""
-        need = {"CPU": self._threads, "GPU": self.settings.ray_gpus}
-        try:
-            nodes = [n.get("Resources", {}) for n in self.ray.nodes() if n.get("Alive")]
-        except Exception:
-            return None
-        if any(
-            all(node.get(r, 0) >= amount for r, amount in need.items() if amount) for node in nodes
-        ):
-            return None
-        largest = max(nodes, key=lambda node: node.get("CPU", 0), default={})
-        return (
-            f"No node of the Ray cluster can run a worker: each asks for "
-            f"{self._threads:g} CPU (LLM_ASYNC_POOL_THREADS)"
-            + (f" and {need['GPU']:g} GPU (LLM_ASYNC_POOL_RAY_GPUS)" if need["GPU"] else "")
-            + f", and the largest node has {largest.get('CPU', 0):g} CPU and "
-            f"{largest.get('GPU', 0):g} GPU. Lower those settings, or add a node that has them."
-        )
+        self._actors.append(Actor(handle, key, head[0].settings.load_timeout if head else None))
 
     def _start_failed(self, key: str, error: Exception) -> None:
         failed, actions = self._placement.start_failed(key)
@@ -198,23 +143,22 @@ class RayPool(Pool):
     async def _feed(self, task: RayTask) -> None:
         """Read the actor's stream on the consumer's loop, frame by frame."""
         actor = task.slot
-        blob = None
+        payload = task.payload
         try:
             while True:
                 if actor.task is not task or task.stopping:  # stopped before it started
                     return
-                payload = task.payload
-                if blob is not None:
-                    task.job.model_blob = blob
-                    payload = dumps_job(task.job)
-                    task.job.model_blob = None
                 generator = actor.handle.run.options(
                     num_returns="streaming", _generator_backpressure_num_objects=BACKPRESSURE
                 ).remote(task.seq, payload, task.api_key)
                 task.generator = generator
                 ending = await self._read(task, generator)
-                if ending is None:  # NeedModel: send it again, pickled
-                    blob = cloudpickle.dumps(task.model)
+                if ending is None:  # NeedModel: send it again, with the model
+                    key, task.job.key = task.job.key, None
+                    try:
+                        payload = dumps_with_model(task.job, task.model)
+                    finally:
+                        task.job.key = key
                     continue
                 self._settle(task, ending)
                 return
@@ -270,7 +214,7 @@ class RayPool(Pool):
     def _actor_died(self, actor: Actor, task: RayTask, error: Exception) -> None:
         node = actor.info.get("node", "?")
         with self._lock:
-            dead = self._dead_nodes()
+            dead = self.cluster.dead_nodes()
             self._drop(actor)
             for other in list(self._actors):  # its idle neighbours died with the node
                 if other.info.get("node") in dead and other.task is None:
@@ -295,17 +239,7 @@ class RayPool(Pool):
         if actor in self._actors:
             self._actors.remove(actor)
             self._act(self._placement.gone(actor, retired=False))
-        if self.ray.is_initialized():
-            try:
-                self.ray.kill(actor.handle, no_restart=True)
-            except Exception:
-                pass
-
-    def _dead_nodes(self) -> set[str]:
-        try:
-            return {n["NodeID"] for n in self.ray.nodes() if not n["Alive"]}
-        except Exception:
-            return set()
+        self.cluster.kill(actor)
 
     # ------------------------------------------------------------ stopping early
     def unqueue(self, task: Task) -> bool:
@@ -364,36 +298,20 @@ class RayPool(Pool):
             if not ready:
                 if actor.place_by is not None and time.monotonic() > actor.place_by:
                     self._actors.remove(actor)
-                    self._kill(actor)
-                    self._start_failed(actor.key, PromptTimeout(self._unplaced(actor)))
+                    self.cluster.kill(actor)
+                    self._start_failed(actor.key, PromptTimeout(self.cluster.unplaced(actor.key)))
                 return
             try:
                 info = self.ray.get(actor.describing)
             except Exception as error:  # it could not start
                 self._actors.remove(actor)
-                self._kill(actor)
+                self.cluster.kill(actor)
                 self._start_failed(
                     actor.key, WorkerCrashed(f"A Ray actor could not start: {error}")
                 )
                 return
             actor.info, actor.describing = info, None
             self._act(self._placement.arrived(actor, actor.key))
-
-    def _unplaced(self, actor: Actor) -> str:
-        gpus = self.settings.ray_gpus
-        return (
-            f"The Ray cluster did not place a worker for model "
-            f"{actor.key.split(chr(0))[0]!r} within LLM_ASYNC_POOL_LOAD_TIMEOUT: each "
-            f"asks for {self._threads:g} CPU (LLM_ASYNC_POOL_THREADS)"
-            + (f" and {gpus:g} GPU (LLM_ASYNC_POOL_RAY_GPUS)" if gpus else "")
-            + ", and no node had them free"
-        )
-
-    def _kill(self, actor: Actor) -> None:
-        try:
-            self.ray.kill(actor.handle, no_restart=True)
-        except Exception:
-            pass
 
     def _retire_idle(self) -> None:
         now = time.monotonic()
@@ -404,7 +322,7 @@ class RayPool(Pool):
                     self._actors.remove(actor)
                     self._act(self._placement.retire(actor))
                     self._act(self._placement.gone(actor, retired=True))
-                    self._kill(actor)
+                    self.cluster.kill(actor)
 
     # ------------------------------------------------------------ inspecting
     def workers(self) -> list[WorkerInfo]:
@@ -429,13 +347,7 @@ class RayPool(Pool):
         return infos
 
     def describe(self) -> dict[str, Any]:
-        if not self.ray.is_initialized():
-            return {"address": self.address, "nodes": []}
-        nodes = [
-            f"{n['NodeManagerAddress']} {n['NodeID'][:12]} ({'alive' if n['Alive'] else 'dead'})"
-            for n in self.ray.nodes()
-        ]
-        return {"address": self.address, "nodes": nodes}
+        return self.cluster.describe()
 
     def idle(self) -> bool:
         with self._lock:
@@ -462,22 +374,4 @@ class RayPool(Pool):
                 task.run.deliver(
                     Failed(task.seq, PoolClosed("The Ray pool shut down while it ran"))
                 )
-            if alive:
-                self._kill(actor)
-
-
-def _connect(ray: Any, address: str | None) -> str:
-    """Use the app's Ray, or join ``address``, or start one on loopback only."""
-    if not ray.is_initialized():
-        options: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
-        if address:
-            ray.init(address=address, **options)
-        else:  # ours alone: no usage report leaves the machine unless asked for
-            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            ray.init(
-                address="local",
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
-                **options,
-            )
-    return ray.get_runtime_context().gcs_address
+            self.cluster.kill(actor)

@@ -118,6 +118,22 @@ class Slot:
         deadline = time.monotonic() + RETIRE_GRACE
         self.kill_at = deadline if self.kill_at is None else min(self.kill_at, deadline)
 
+    def timer(self, now: float, idle_timeout: float) -> float | None:
+        """Kill it if it overran its stop or retirement, retire it if it was idle
+        too long (a kill retires it too, so a reply already on its way cannot
+        free it for another prompt); when to look again."""
+        if self.kill_at is not None:
+            if self.kill_at > now:
+                return self.kill_at
+            self.retire()
+            self.kill_at = None
+            self.handle.kill()
+        elif self.state is State.IDLE:
+            if self.idle_since + idle_timeout > now:
+                return self.idle_since + idle_timeout
+            self.retire()
+        return None
+
     def gone(self) -> None:
         """Its exit has been seen: let go of everything of it but the inbox,
         which closes once no reader holds it."""

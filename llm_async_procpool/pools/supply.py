@@ -26,11 +26,14 @@ from ..config import MAX_WORKERS, PoolSettings
 from ..errors import PoolConfigError, PromptTimeout, WorkerCrashed
 from ..messages import Boot, Context, Failed, Fork, Ready, Warmed
 from . import launch
-from .base import Task
+from .base import Memory, Task, WorkerInfo, available_memory, memory, total_memory
 from .placement import Placement
 from .reactor import Reactor
 from .slots import Slot
 from .templates import State, Template
+
+#: A new worker starts by default only while this share of memory stays available.
+KEEP_FREE = 0.5
 
 
 class Host(Protocol):
@@ -65,6 +68,7 @@ class Supply:
         self.templates: set[Template] = set()
         self.starting: dict[int, launch.Pipes] = {}  # forks asked for, by cell index
         self.context: Context | None = None  # the app's, when the zygote started
+        self.worker_cost = 0  # the most private memory a loaded worker has needed
         self._indexes = list(range(MAX_WORKERS - 1, -1, -1))
         self._zygote: launch.Zygote | None = None
         self._ready = False
@@ -142,11 +146,26 @@ class Supply:
             self.host.unwatch(self._zygote.fd, self._zygote.close)
             self._zygote = None
 
-    def zygote_pid(self) -> int | None:
-        zygote = self._zygote
-        return None if zygote is None or zygote.ended else zygote.pid
-
     # ------------------------------------------------------------ workers
+    def room(self, live: int) -> bool:
+        """May another worker start? By default, one per usable core, while at
+        least half of the machine's memory stays available after it."""
+        workers = self.host.settings.workers
+        if workers is not None:
+            return live < workers
+        if live >= self.cores:
+            return False
+        if live == 0 or not self.worker_cost:
+            return True
+        free, total = available_memory(), total_memory()
+        return free is None or not total or free - self.worker_cost >= KEEP_FREE * total
+
+    def measure(self, slot: Slot) -> None:
+        """A worker's private memory once it loaded a model: what the next one may need."""
+        cost = memory(slot.pid).private or 0
+        with self.lock:
+            self.worker_cost = max(self.worker_cost, cost)
+
     def take_index(self) -> int:
         index = self._indexes.pop()
         Control(self.cells, index).clear()
@@ -340,6 +359,18 @@ class Supply:
                     ),
                 )
             )
+
+    def infos(self) -> list[WorkerInfo]:
+        """Its ready templates and the zygote, for ``status`` (lock held)."""
+        infos = [
+            WorkerInfo(t.handle.pid, Memory(), [t.key.split("\0", 1)[0]], role="template")
+            for t in sorted(self.templates, key=lambda t: t.index)
+            if t.state is State.READY
+        ]
+        zygote = self._zygote
+        if zygote is not None and not zygote.ended:
+            infos.append(WorkerInfo(zygote.pid, Memory(), role="zygote"))
+        return infos
 
     def busy(self) -> bool:
         return bool(self.templates or self.starting)

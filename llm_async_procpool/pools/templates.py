@@ -18,12 +18,11 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import cloudpickle
 import llm
 
 from .. import channel
 from ..messages import Fork, NeedModel, Warmed
-from ..wire import encode_job
+from ..wire import dumps_with_model, encode_job
 from .launch import Forker, Handle, Pipes
 
 WARM_UP_SEQ = 1  # any seq but 0, which fresh stop cells hold
@@ -69,9 +68,8 @@ class Template:
             prompt = llm.Prompt("hello", model, options=model.Options())
             job = encode_job(model, prompt, True, None, None)
             job.seq = WARM_UP_SEQ
-            if with_model:
-                job.model_blob = cloudpickle.dumps(model)
-            channel.write_frame(self.pipes.jobs, job.seq, channel.JOB, channel.dumps(job))
+            payload = dumps_with_model(job, model) if with_model else channel.dumps(job)
+            channel.write_frame(self.pipes.jobs, job.seq, channel.JOB, payload)
         except Exception:
             if self.handle is not None:
                 self.handle.kill()
