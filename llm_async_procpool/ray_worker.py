@@ -22,8 +22,9 @@ from .messages import KINDS, TERMINAL_KINDS, NeedModel
 from .outbox import Outbox
 from .worker import Models, Server
 
-#: Most frames in one yield.
-MAX_FRAMES = 256
+#: Most chunks in one yield (a yield may pass it by one batch). Ray buffers
+#: up to ``pools.ray.BACKPRESSURE`` yields: together about one window of chunks.
+MAX_CHUNKS = 256
 #: Seconds a quiet model may go before the stream yields nothing, so a cancel
 #: reaches the generator (Ray delivers it at a yield).
 HEARTBEAT = 0.05
@@ -70,11 +71,13 @@ class RayWorker:
                     except queue.Empty:
                         yield []  # a point where Ray can deliver a cancel
                         continue
-                    while len(frames) < MAX_FRAMES:
+                    chunks = frames[0][3]
+                    while chunks < MAX_CHUNKS:
                         try:
                             frames.append(self._frames.get_nowait())
                         except queue.Empty:
                             break
+                        chunks += frames[-1][3]
                     yield [frame[:3] for frame in frames]
                     # Ray took them: the backpressure window moves on
                     self._control.take(sum(f[3] for f in frames), sum(len(f[2]) for f in frames))

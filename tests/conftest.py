@@ -27,8 +27,12 @@ def _stop_extra_pools():
     shutdown_pools(keep=DEFAULT)
 
 
-@pytest.fixture(params=["process", "thread"])
+@pytest.fixture(params=["process", "thread", "ray"])
 def pool_kind(request, monkeypatch):
+    """Every backend, for the contract every backend keeps (Ray on the
+    two-node loopback cluster, when Ray is installed)."""
+    if request.param == "ray":
+        request.getfixturevalue("ray_cluster")
     monkeypatch.setenv("LLM_ASYNC_POOL", request.param)
     return request.param
 
@@ -95,3 +99,18 @@ def pytest_asyncio_loop_factories(config, item):
     except ImportError:
         pass
     return {name: factories[name] for name in LOOPS if name in factories}
+
+
+def pytest_collection_modifyitems(config, items):
+    """uvloop matters for the process pool, whose events the consumer's own
+    loop reads: thread and Ray variants run under asyncio only (CI time)."""
+    keep, dropped = [], []
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        uvloop = "uvloop" in item.name.split("[", 1)[-1].split("-")
+        kind = params.get("pool_kind") or params.get("kind")
+        other = kind in ("thread", "ray") or item.module.__name__ == "test_ray"
+        (dropped if uvloop and other else keep).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep

@@ -18,10 +18,10 @@ async def test_runs_in_a_worker_process_or_thread(pool_kind):
     response = probe().prompt("hello")
     assert await response.text() == "0 1 2 "
     pid = (await response.json())["pid"]
-    if pool_kind == "process":
-        assert pid != os.getpid()
-    else:
+    if pool_kind == "thread":
         assert pid == os.getpid()
+    else:
+        assert pid != os.getpid()
 
 
 async def test_markov_with_options(pool_kind):

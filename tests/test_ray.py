@@ -9,9 +9,9 @@ import time
 
 import llm
 import pytest
-from helpers import needs_modern_llm, probe, wait_for_file
+from helpers import probe
 
-from llm_async_procpool import PromptTimeout, RemoteError, WorkerCrashed, live_pools
+from llm_async_procpool import WorkerCrashed, live_pools
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -34,81 +34,6 @@ def test_every_ray_node_listens_on_loopback(ray_cluster):
     nodes = ray.nodes()
     assert len(nodes) == 2
     assert {n["NodeManagerAddress"] for n in nodes} == {"127.0.0.1"}
-
-
-async def test_options_streaming_usage_and_state(ray_pool):
-    response = (
-        probe().prompt("one two three", chunks=200, options_marker=None)
-        if False
-        else (probe().prompt("one two three", chunks=200))
-    )
-    chunks = [chunk async for chunk in response]
-    assert chunks == [f"{i} " for i in range(200)]
-    seen = await response.json()
-    assert seen["options"] == {"chunks": 200}
-    assert seen["pid"] != os.getpid()
-    usage = await response.usage()
-    assert (usage.input, usage.output) == (3, 200)
-    assert response.resolved_model == "probe-resolved-1"
-
-
-@needs_modern_llm
-async def test_stream_events(ray_pool):
-    response = probe().prompt("x", chunks=2, reasoning=True)
-    events = [(e.type, e.chunk) async for e in response.astream_events()]
-    assert events[0] == ("reasoning", "thinking hard")
-
-
-async def test_conversation_and_markov(ray_pool):
-    conversation = probe().conversation()
-    assert await conversation.prompt("first", chunks=1).text() == "0 "
-    seen = await conversation.prompt("second", chunks=1).json()
-    assert [h["prompt"] for h in seen["history"]] == ["first"]
-    text = (
-        await llm.get_async_model("markov")
-        .prompt("the cat sat on the mat", length=4, delay=0)
-        .text()
-    )
-    assert len(text.split()) == 4
-
-
-async def test_errors_keep_their_class_picklable_or_not(ray_pool):
-    import openai
-    from plugin_models import Unpicklable
-
-    with pytest.raises(ValueError, match="probe failed on purpose"):
-        await probe().prompt("x", fail="value").text()
-    with pytest.raises(Unpicklable):
-        await probe().prompt("x", fail="unpicklable").text()
-    with pytest.raises(openai.AuthenticationError) as info:
-        await probe().prompt("x", fail="openai").text()
-    assert info.value.status_code == 401
-    with pytest.raises(RemoteError):
-        await probe().prompt("x", fail="local").text()
-
-
-async def test_a_cancel_runs_the_models_finally_within_100ms(ray_pool, tmp_path):
-    marker = tmp_path / "finally.json"
-    response = probe().prompt("x", chunks=10_000, delay=0.01, marker=str(marker))
-    iterator = response.__aiter__()
-    await iterator.__anext__()
-    task = asyncio.ensure_future(response.text())
-    await asyncio.sleep(0.1)
-    cancelled = time.time()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    report = await asyncio.to_thread(wait_for_file, marker)
-    assert report["at"] - cancelled < 0.1, f"{(report['at'] - cancelled) * 1000:.0f} ms"
-    assert await probe().prompt("y", chunks=2).text() == "0 1 "
-
-
-async def test_timeout(ray_pool, monkeypatch):
-    assert await probe().prompt("warm", chunks=1).text() == "0 "
-    monkeypatch.setenv("LLM_ASYNC_POOL_TIMEOUT", "0.5")
-    with pytest.raises(PromptTimeout):
-        await probe().prompt("x", chunks=1000, delay=0.01).text()
-    assert await probe().prompt("y", chunks=1).text() == "0 "
 
 
 async def test_a_cancel_before_the_first_chunk_of_a_loaded_model_gets_only_the_grace(

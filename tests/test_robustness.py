@@ -1,5 +1,7 @@
-"""Cancellation, timeouts, crashes, backpressure, shutdown and bad input,
-with real worker processes. Time bounds are generous: CI machines are noisy."""
+"""The contract every backend keeps (process, thread, and Ray when installed:
+the ``pool_kind`` fixture): cancellation, timeouts, crashes, backpressure and
+shutdown; then what only worker processes add (a hard stop, bad input,
+orphans). Time bounds are generous: CI machines are noisy."""
 
 import asyncio
 import gc
@@ -35,7 +37,7 @@ from llm_async_procpool.outbox import MAX_BATCH
 
 
 # ------------------------------------------------------------------ cancelling
-async def test_cancelled_task_stops_the_model_and_runs_its_finally(tmp_path):
+async def test_cancelled_task_stops_the_model_and_runs_its_finally(pool_kind, tmp_path):
     marker = tmp_path / "finally.json"
     response = probe().prompt("x", chunks=10_000, delay=0.01, marker=str(marker))
     await started(response)
@@ -47,12 +49,13 @@ async def test_cancelled_task_stops_the_model_and_runs_its_finally(tmp_path):
         await task
     report = await asyncio.to_thread(wait_for_file, marker)
     latency = report["at"] - stopped
-    assert latency < 0.5, f"model stopped {latency * 1000:.0f} ms after cancel"
+    bound = 1.5 if pool_kind == "ray" else 0.5  # Ray: the next yield, or its 1 s retry
+    assert latency < bound, f"model stopped {latency * 1000:.0f} ms after cancel"
     assert report["yielded"] < 1000
     assert pid_alive(report["pid"])  # stopped cooperatively, not killed
 
 
-async def test_consumer_that_walks_away_stops_the_model(tmp_path):
+async def test_consumer_that_walks_away_stops_the_model(pool_kind, tmp_path):
     marker = tmp_path / "finally.json"
     response = probe().prompt("x", chunks=10_000, delay=0.01, marker=str(marker))
     async for _chunk in response:
@@ -61,25 +64,28 @@ async def test_consumer_that_walks_away_stops_the_model(tmp_path):
     del response, _chunk
     gc.collect()
     report = await asyncio.to_thread(wait_for_file, marker)
-    assert report["at"] - stopped < 0.5
+    # Ray delivers a cancel at the actor's next yield, or within its 1 s retry
+    assert report["at"] - stopped < (1.5 if pool_kind == "ray" else 0.5)
     assert report["yielded"] < 1000
 
 
-async def test_wait_for_timeout_stops_the_model(tmp_path):
+async def test_wait_for_timeout_stops_the_model(pool_kind, tmp_path):
+    assert await probe().prompt("warm", chunks=1).text() == "0 "  # a worker is up
     marker = tmp_path / "finally.json"
     response = probe().prompt("x", chunks=10_000, delay=0.01, marker=str(marker))
     with pytest.raises(asyncio.TimeoutError):  # TimeoutError since Python 3.11
         await asyncio.wait_for(response.text(), 0.3)
     stopped = time.time()
     report = await asyncio.to_thread(wait_for_file, marker)
-    assert report["at"] - stopped < 0.5
+    assert report["at"] - stopped < (1.5 if pool_kind == "ray" else 0.5)
 
 
-async def test_worker_takes_the_next_prompt_after_a_cancel(monkeypatch):
+async def test_worker_takes_the_next_prompt_after_a_cancel(pool_kind, monkeypatch):
     monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "1")
+    first = probe().prompt("first", chunks=1)
+    await first.text()
     response = probe().prompt("x", chunks=10_000, delay=0.01)
     await started(response)
-    first_pid = worker_pids(process_pool(workers=1))
     task = asyncio.create_task(response.text())
     await asyncio.sleep(0.05)
     task.cancel()
@@ -87,7 +93,7 @@ async def test_worker_takes_the_next_prompt_after_a_cancel(monkeypatch):
         await task
     follow = probe().prompt("y", chunks=2)
     assert await follow.text() == "0 1 "
-    assert [(await follow.json())["pid"]] == first_pid
+    assert (await follow.json())["pid"] == (await first.json())["pid"]  # the same worker
 
 
 # ------------------------------------------------------ hard stop and timeout
@@ -116,7 +122,7 @@ async def test_stuck_model_is_killed_after_the_grace_period(monkeypatch):
     assert await probe().prompt("after", chunks=2).text() == "0 1 "
 
 
-async def test_timeout_raises_and_stops_the_worker(monkeypatch, tmp_path):
+async def test_timeout_raises_and_stops_the_worker(pool_kind, monkeypatch, tmp_path):
     assert await probe().prompt("warm up", chunks=1).text() == "0 "
     monkeypatch.setenv("LLM_ASYNC_POOL_TIMEOUT", "0.4")
     marker = tmp_path / "finally.json"
@@ -159,7 +165,9 @@ async def test_timeout_kills_a_stuck_worker(monkeypatch):
         ("segv", "killed by SIGSEGV (exit code -11)"),
     ],
 )
-async def test_worker_crash_fails_the_prompt_fast_and_the_pool_recovers(fail, expected):
+async def test_worker_crash_fails_the_prompt_fast_and_the_pool_recovers(pool_kind, fail, expected):
+    if pool_kind == "thread":
+        pytest.skip("a crash in a thread is a crash of the app itself")
     response = probe().prompt("x", chunks=10, delay=0.01, fail=fail, fail_after=3)
     chunks = []
     with pytest.raises(WorkerCrashed) as info:
@@ -167,14 +175,20 @@ async def test_worker_crash_fails_the_prompt_fast_and_the_pool_recovers(fail, ex
             chunks.append(chunk)
             crash_seen = time.monotonic()
     assert time.monotonic() - crash_seen < 1.0
-    assert chunks == ["0 ", "1 ", "2 "]
+    if pool_kind == "process":  # every chunk the worker wrote before it died
+        assert chunks == ["0 ", "1 ", "2 "]
+    else:  # an actor yields from another thread: the last chunk may die with it
+        assert chunks in (["0 ", "1 "], ["0 ", "1 ", "2 "])
     message = str(info.value)
-    assert "'probe'" in message and expected in message
+    assert "'probe'" in message
+    assert expected in message if pool_kind == "process" else "Ray actor" in message
     texts = await asyncio.gather(*(probe().prompt(f"{i}", chunks=2).text() for i in range(4)))
     assert texts == ["0 1 "] * 4
 
 
-async def test_prompts_queued_behind_a_crash_run_normally(monkeypatch):
+async def test_prompts_queued_behind_a_crash_run_normally(pool_kind, monkeypatch):
+    if pool_kind == "thread":
+        pytest.skip("a crash in a thread is a crash of the app itself")
     monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "1")
     crashing = probe().prompt("x", chunks=5, delay=0.02, fail="kill", fail_after=2)
     queued = [probe().prompt(f"q{i}", chunks=3) for i in range(3)]
@@ -186,7 +200,7 @@ async def test_prompts_queued_behind_a_crash_run_normally(monkeypatch):
 
 
 # ------------------------------------------------------------------ backpressure
-async def test_slow_consumer_pauses_the_worker(tmp_path):
+async def test_slow_consumer_pauses_the_worker(pool_kind, tmp_path):
     marker = tmp_path / "finally.json"
     response = probe().prompt("x", chunks=10_000_000, marker=str(marker))
     iterator = await started(response, 10)
@@ -194,7 +208,10 @@ async def test_slow_consumer_pauses_the_worker(tmp_path):
     del iterator, response
     gc.collect()
     report = await asyncio.to_thread(wait_for_file, marker)
-    assert report["yielded"] <= WINDOW + MAX_BATCH + 10
+    if pool_kind == "ray":  # a window ahead in the pool and in the actor, and Ray's buffer
+        assert report["yielded"] <= 4 * WINDOW + 2 * MAX_BATCH
+    else:
+        assert report["yielded"] <= WINDOW + MAX_BATCH + 10
 
 
 # ------------------------------------------------------------------ bad input

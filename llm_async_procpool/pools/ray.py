@@ -27,19 +27,23 @@ import os
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from ..cells import WINDOW, WINDOW_BYTES
 from ..config import MAX_WORKERS
 from ..errors import PoolClosed, PoolConfigError, PromptTimeout, RemoteError, WorkerCrashed
 from ..faults import decode_event
-from ..messages import KINDS, TERMINAL_KINDS, Chunks, Done, Failed, Job, NeedModel
+from ..messages import KINDS, Chunks, Done, Failed, Job, NeedModel
 from ..wire import dumps_job, dumps_with_model
 from .base import Memory, Pool, Task, WorkerInfo, memory
 from .placement import Begin, Placement, Retire, StartWorker
 from .ray_cluster import Actor, Cluster
 
-#: Streamed objects an actor may have yielded that the consumer has not read.
+#: Streamed objects an actor may have yielded that the pool has not read (each
+#: at most about 256 chunks); the pool itself reads no further than the
+#: backpressure window (``cells.WINDOW``) ahead of the consumer. Fewer would
+#: slow a cancel: an actor blocked on this limit sees it only once a second.
 BACKPRESSURE = 16
 #: Seconds between the watcher's checks of starting, stopping and idle actors.
 WATCH = 0.05
@@ -52,6 +56,13 @@ class RayTask(Task):
     generator: Any = None  # the actor's stream, once called
     feeder: Any = None  # the asyncio task reading it, kept so it is not collected
     requeued: bool = False  # placed again once already: its actor was dead
+    ahead: list = field(default_factory=lambda: [0, 0])  # chunks, bytes not yet taken
+    room: Any = None  # an asyncio.Event the feeder waits on while ``ahead`` is full
+
+
+def _full(ahead: list, share: float) -> bool:
+    """Has the consumer left ``share`` of the backpressure window untaken?"""
+    return ahead[0] >= WINDOW * share or ahead[1] >= WINDOW_BYTES * share
 
 
 class RayPool(Pool):
@@ -183,13 +194,16 @@ class RayPool(Pool):
                     with self._lock:
                         task.hear()
                         self._act(self._placement.loaded(task.slot, task.key))
-                if type(event) is Chunks:
-                    event.nbytes = len(data)
-                    task.run.deliver(event)
-                elif kind in TERMINAL_KINDS:
-                    return event
-                else:
-                    return event  # a chunk that could not be read ends the prompt
+                if type(event) is not Chunks:
+                    return event  # terminal (or a chunk that could not be read: it ends)
+                event.nbytes = len(data)
+                task.run.deliver(event)
+                task.ahead[0] += len(event.items)
+                task.ahead[1] += event.nbytes
+                while _full(task.ahead, 1) and not task.stopping:  # the consumer is behind
+                    task.room = task.room or asyncio.Event()
+                    task.room.clear()
+                    await task.room.wait()
         return Failed(task.seq, RemoteError("Error", "The actor's stream ended early"))
 
     def _settle(self, task: RayTask, event: Any) -> None:
@@ -245,7 +259,16 @@ class RayPool(Pool):
     def unqueue(self, task: Task) -> bool:
         return self._placement.cancel(task)
 
+    def take(self, task: Task, count: int, nbytes: int) -> None:
+        """On the consumer's loop: the feeder may read on once half the window is free."""
+        task.ahead[0] -= count
+        task.ahead[1] -= nbytes
+        if task.room is not None and not _full(task.ahead, 0.5):
+            task.room.set()
+
     def stop(self, task: Task) -> None:
+        if task.room is not None:  # a feeder waiting for the consumer stops waiting
+            task.run.loop.call_soon_threadsafe(task.room.set)
         actor = task.slot
         if actor is None or actor.task is not task:
             return
