@@ -199,7 +199,9 @@ def render(report: dict) -> str:
         lines.append(
             f"Limits: timeout {_seconds(s['timeout'])}, load {_seconds(s['load_timeout'])}, "
             f"grace {_seconds(s['grace'])}, idle timeout {_seconds(s['idle_timeout'])}, "
-            f"max tasks per worker {s['max_tasks'] or 'none'}, worker nice +{s['nice']}"
+            f"max tasks per worker {s['max_tasks'] or 'none'}, max memory per worker "
+            f"{str(s['max_memory_mb']) + ' MB' if s['max_memory_mb'] else 'none'}, "
+            f"worker nice +{s['nice']}"
         )
     lines.append(f"Async twins (run in a pool): {', '.join(report['twins']) or 'none'}")
     lines.append(
@@ -217,9 +219,10 @@ def render(report: dict) -> str:
         for w in pool["workers"]:
             m = w["memory"]
             where = f" on node {w['node']}" if w.get("node") else ""
+            grown = f", grown {_mb(w['growth'])} since its model loaded" if w.get("growth") else ""
             lines.append(
                 f"  {w['role']} pid {w['pid']}{where}: RSS {_mb(m['rss'])}, PSS {_mb(m['pss'])}, "
-                f"shared {_mb(m['shared'])}; served {w['served']}, "
+                f"shared {_mb(m['shared'])}{grown}; served {w['served']}, "
                 f"{'busy' if w['busy'] else 'idle'}, models {', '.join(w['models']) or 'none'}"
             )
         for model_id, how in sorted(pool.get("sharing", {}).items()):

@@ -47,6 +47,7 @@ class PoolSettings:
     ray_address: str | None = None
     ray_gpus: float = 0.0
     preload: tuple[str, ...] = ()  # modules the zygote imports
+    max_memory: int | None = None  # MB of private memory a worker may grow to
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,7 @@ NAMES = (
     "LLM_ASYNC_POOL_RAY_ADDRESS",
     "RAY_ADDRESS",
     "LLM_ASYNC_POOL_RAY_GPUS",
+    "LLM_ASYNC_POOL_MAX_MEMORY",
 )
 _RAW_NAMES = tuple(os.fsencode(name) for name in NAMES)
 
@@ -166,6 +168,7 @@ def _parse(raw: tuple[str, ...]) -> Settings:
             env, "LLM_ASYNC_POOL_RAY_GPUS", float, 0.0, 0.0, 1024, zero_ok=True, what="a number"
         ),
         preload=_preload(env["LLM_ASYNC_POOL_PRELOAD"]),
+        max_memory=_number(env, "LLM_ASYNC_POOL_MAX_MEMORY", int, None, 0, 10**8),
     )
     return Settings(
         pool=pool,

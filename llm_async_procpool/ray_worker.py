@@ -36,7 +36,7 @@ class RayWorker:
     def __init__(self, environ: dict[str, str], count: int):
         os.environ.update(threads.environment(environ, count))
         if not threads.user_pinned(environ):
-            threads.patch_cpu_count(count)
+            threads.patch_cpu_count(lambda: count)
         self._frames: queue.SimpleQueue = queue.SimpleQueue()
         self._control = Control(local())
         out = Outbox(self._put)

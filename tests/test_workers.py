@@ -251,3 +251,65 @@ def test_a_loop_that_cannot_watch_pipes_works_on_a_fresh_process_first_prompt(tm
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "['0 1 2 ', '0 1 2 ', '0 1 2 ']"
     assert took < 30
+
+
+async def test_a_worker_grown_past_max_memory_is_retired_between_prompts(monkeypatch):
+    """LLM_ASYNC_POOL_MAX_MEMORY: a model that keeps 40 MB more per prompt gets
+    a fresh worker once its worker holds more than 100 MB of its own."""
+    from llm_async_procpool.status import status
+
+    monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "1")
+    monkeypatch.setenv("LLM_ASYNC_POOL_MAX_MEMORY", "100")
+    model = probe()
+    pids = []
+    for _ in range(6):
+        response = model.prompt("x", chunks=1, leak=40)
+        await response.text()
+        pids.append((await response.json())["pid"])
+        (pool,) = [p for p in live_pools() if p.settings.max_memory == 100]
+        (report,) = [p for p in status()["live_pools"] if p["size"] == 1 and p["pool"] == "process"]
+        if len(set(pids)) == 1:  # until the first worker is retired, its growth shows
+            (worker,) = [w for w in report["workers"] if w["role"] == "worker"]
+            assert worker["growth"] is None or worker["growth"] >= 0
+        await asyncio.sleep(0.3)  # the check runs off the event loop, after the prompt
+    assert len(set(pids)) >= 2, pids  # retired once past the limit, replaced
+    assert pids.count(pids[0]) <= 3  # 40, 80, 120 MB kept: not a fourth prompt
+    assert pool is not None
+
+
+@pytest.mark.parametrize("kind", ["process", "thread"])
+async def test_a_conversation_goes_back_to_the_worker_that_served_its_last_turn(
+    monkeypatch, kind
+):
+    """Conversation affinity: each turn of a conversation lands where its
+    previous turn ran (where a model's cache may hold its prefix), while that
+    worker is idle; a busy one is never waited for."""
+    monkeypatch.setenv("LLM_ASYNC_POOL", kind)
+    monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "2")
+    monkeypatch.setenv("LLM_ASYNC_POOL_IDLE_TIMEOUT", "320")
+    model = probe()
+    chats = [model.conversation() for _ in range(2)]
+    where = {0: [], 1: []}
+
+    async def turn(i):
+        response = chats[i].prompt(f"chat {i}", chunks=2, delay=0.02)
+        await response.text()
+        seen = await response.json()
+        where[i].append((seen["pid"], seen["instance"]))
+
+    await asyncio.gather(turn(0), turn(1))  # both workers busy: each chat gets one
+    assert where[0][0] != where[1][0]
+    for _ in range(4):
+        for i in (1, 0):  # one at a time, alternating: either worker is idle
+            await turn(i)
+    assert len(set(where[0])) == 1 and len(set(where[1])) == 1, where
+    # with its worker busy, a turn goes to the other at once
+    blocker = asyncio.ensure_future(chats[1].prompt("long", chunks=20, delay=0.05).text())
+    await asyncio.sleep(0.3)
+    started = time.monotonic()
+    response = chats[1].prompt("meanwhile", chunks=1)
+    await response.text()
+    assert time.monotonic() - started < 0.8
+    seen = await response.json()
+    assert (seen["pid"], seen["instance"]) == where[0][0]
+    await blocker

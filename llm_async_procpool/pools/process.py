@@ -199,7 +199,7 @@ class ProcessPool(Pool):
         with self._lock:
             if task.hear() and slot.task is task:
                 self._act(self.placement.loaded(slot, task.key))
-        if task.cold and self.settings.workers is None and slot.template is None:
+        if task.cold:
             self.later(self.supply.measure, slot)
 
     def _send_model(self, slot: Slot, task: Task) -> None:
@@ -226,6 +226,8 @@ class ProcessPool(Pool):
                     self._act(self.placement.retire(slot))
                 else:
                     self._act(self.placement.free(slot))
+        if self.settings.max_memory is not None:
+            self.later(self.supply.check_memory, slot)
         if type(event) is Done and event.cancelled and task.stopping:
             return  # stopped by the pool (timeout, stopped loop): the consumer was told
         task.run.deliver(event)
@@ -325,15 +327,19 @@ class ProcessPool(Pool):
     # ------------------------------------------------------------ inspecting
     def workers(self) -> list[WorkerInfo]:
         with self._lock:
+            slots = sorted(self._slots, key=lambda s: s.pid)
             infos = [
                 WorkerInfo(
                     s.pid, Memory(), sorted(_model_id(k) for k in s.models), s.count, bool(s.task)
                 )
-                for s in sorted(self._slots, key=lambda s: s.pid)
+                for s in slots
             ]
+            loaded = {s.pid: s.loaded_private for s in slots}
             infos += self.supply.infos()
         for info in infos:
             info.memory = memory(info.pid)
+            if loaded.get(info.pid) is not None and info.memory.private is not None:
+                info.growth = info.memory.private - loaded[info.pid]
         return infos
 
     def sharing(self) -> dict[str, str]:

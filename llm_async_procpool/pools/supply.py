@@ -30,6 +30,7 @@ from .base import Memory, Task, WorkerInfo, available_memory, memory, total_memo
 from .placement import Placement
 from .reactor import Reactor
 from .slots import Slot
+from .slots import State as SlotState
 from .templates import State, Template
 
 #: A new worker starts by default only while this share of memory stays available.
@@ -161,10 +162,23 @@ class Supply:
         return free is None or not total or free - self.worker_cost >= KEEP_FREE * total
 
     def measure(self, slot: Slot) -> None:
-        """A worker's private memory once it loaded a model: what the next one may need."""
+        """A worker's private memory once it loaded a model: what it grows from,
+        and (for a worker that loads for itself) what the next one may need."""
         cost = memory(slot.pid).private or 0
         with self.lock:
-            self.worker_cost = max(self.worker_cost, cost)
+            slot.loaded_private = cost
+            if self.host.settings.workers is None and slot.template is None:
+                self.worker_cost = max(self.worker_cost, cost)
+
+    def check_memory(self, slot: Slot) -> None:
+        """``LLM_ASYNC_POOL_MAX_MEMORY``: a worker grown past it is retired (it
+        ends the prompt it may have taken since, then exits)."""
+        private = memory(slot.pid).private or 0
+        with self.lock:
+            limit = self.host.settings.max_memory * 2**20
+            if private > limit and slot.state not in (SlotState.GONE, SlotState.RETIRED):
+                slot.retire()
+                self.host.act(self.host.placement.retire(slot))
 
     def take_index(self) -> int:
         index = self._indexes.pop()

@@ -68,6 +68,7 @@ class _Instances:
     """The instances of one model (by ``Job.model_key``)."""
 
     free: list[llm.Model] = field(default_factory=list)
+    served: dict[int, Any] = field(default_factory=dict)  # id(instance): its last conversation
     count: int = 0
     loading: bool = False  # the first instance's first prompt has not answered yet
     loaded: bool = False
@@ -142,7 +143,7 @@ class ThreadPool(Pool):
 
     def _run(self, task: Task) -> None:
         key, control = task.key, task.slot
-        instance, cold = self._checkout(key, task.model, task.seq, control)
+        instance, cold = self._checkout(key, task.model, task.seq, control, task.affinity)
         if instance is None:
             if self.closed:
                 task.run.deliver(Failed(task.seq, PoolClosed("The thread pool has shut down")))
@@ -161,33 +162,41 @@ class ThreadPool(Pool):
                     state.loading, state.loaded = False, True
                     self._changed.notify_all()
 
+        event = None
         try:
             event = run_job(task.job, instance, _Direct(task.run, heard), control)
             if not task.heard:
                 heard()
-            if not (task.stopping and type(event) is Done and event.cancelled):
-                task.run.deliver(event)
-        finally:
+        finally:  # the instance is free before its consumer hears: a next turn finds it
             with self._lock:
                 self._running.discard(task)
                 self._served += 1
                 self._last_used = time.monotonic()
+                conversation = task.job.conversation
+                state.served[id(instance)] = None if conversation is None else conversation.id
                 state.free.append(instance)
                 if not task.heard:
                     state.loading = False
                 self._changed.notify_all()
+        if not (task.stopping and type(event) is Done and event.cancelled):
+            task.run.deliver(event)
 
     def _checkout(
-        self, key: str, model: llm.Model, seq: int, control: Control
+        self, key: str, model: llm.Model, seq: int, control: Control, affinity: Any = None
     ) -> tuple[llm.Model | None, bool]:
-        """An instance of the model no other prompt is using; (None, _) if the
-        prompt was cancelled or the pool closed while it waited."""
+        """An instance of the model no other prompt is using (the one that served
+        the conversation's last turn, if it is free); (None, _) if the prompt was
+        cancelled or the pool closed while it waited."""
         with self._lock:
             state = self._models.setdefault(key, _Instances())
             while True:
                 if self.closed or control.cancelled(seq):
                     return None, False
                 if state.free:
+                    for instance in state.free:
+                        if affinity is not None and state.served.get(id(instance)) == affinity:
+                            state.free.remove(instance)
+                            return instance, False
                     return state.free.pop(), False
                 if not state.loading and state.count < self._size:
                     fresh = model if state.count == 0 else None
