@@ -74,6 +74,24 @@ def test_an_idle_worker_with_the_model_is_preferred_and_the_conversation_s_own_f
     assert begin.slot is b
 
 
+def test_a_new_conversation_leaves_workers_that_hold_others_alone():
+    """A prompt with no conversation to continue takes a worker that holds
+    none, else the one whose conversation went quiet longest."""
+    p = placement(capacity=4)
+    p.models["m"] = p.model("m")
+    p.models["m"].phase = Phase.WARM
+    p.live = 3
+    old, recent, spare = Slot("m", served="a"), Slot("m", served="b"), Slot("m")
+    for slot in (old, recent, spare):
+        p.free(slot)
+    (begin,) = p.submit(Task(), False)
+    assert begin.slot is spare
+    (begin,) = p.submit(Task(), False)
+    assert begin.slot is old  # "a" went quiet before "b"
+    (begin,) = p.submit(Task(affinity="b"), False)
+    assert begin.slot is recent
+
+
 def test_a_template_forks_workers_while_there_is_room_then_takes_an_idle_workers_room():
     p = placement(capacity=2)
     first = Task()

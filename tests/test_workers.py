@@ -278,9 +278,7 @@ async def test_a_worker_grown_past_max_memory_is_retired_between_prompts(monkeyp
 
 
 @pytest.mark.parametrize("kind", ["process", "thread"])
-async def test_a_conversation_goes_back_to_the_worker_that_served_its_last_turn(
-    monkeypatch, kind
-):
+async def test_a_conversation_goes_back_to_the_worker_that_served_its_last_turn(monkeypatch, kind):
     """Conversation affinity: each turn of a conversation lands where its
     previous turn ran (where a model's cache may hold its prefix), while that
     worker is idle; a busy one is never waited for."""

@@ -8,8 +8,9 @@ here touches a process, so every rule is tested directly
 
 For a prompt for model M, in order:
 
-1. an idle worker that has M loaded takes it; the one that served the
-   prompt's conversation before, when it is idle;
+1. an idle worker that has M loaded takes it: the one that served the
+   prompt's conversation before, when it is idle; else one that holds no
+   conversation; else the one whose conversation went quiet longest;
 2. while M's first load is under way (in a worker or a template candidate),
    the prompt waits for it, so weights are downloaded once and memory never
    holds several half-loaded copies;
@@ -346,7 +347,9 @@ class Placement:
         return waiting[0] if waiting else None
 
     def _idle_slot(self, key: str, affinity: Hashable | None) -> Any:
-        """An idle worker with the model: the conversation's own, else the most recent."""
+        """An idle worker with the model: the conversation's own; else the most
+        recent one that holds no conversation; else the one whose conversation
+        went quiet longest (the others may be continued soon)."""
         idle = self._idle_with.get(key)
         if not idle:
             return None
@@ -354,7 +357,10 @@ class Placement:
             for slot in idle:
                 if slot.served == affinity:
                     return slot
-        return next(reversed(idle))
+        for slot in reversed(idle):
+            if slot.served is None:
+                return slot
+        return next(iter(idle))
 
     def _unidle(self, slot: Any) -> None:
         if slot in self._idle:
