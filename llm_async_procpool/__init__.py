@@ -1,23 +1,32 @@
 """llm-async-procpool: async twins for sync-only ``llm`` models, run in a process pool.
 
-Module map, following a prompt:
+Module map, following a prompt (the design: docs/how-it-works.md):
 
-- ``config``      reads the ``LLM_ASYNC_POOL*`` environment variables
-- ``twin``        the async twin registered for each sync-only model
-- ``wire``        turns llm prompts and conversations into ``messages`` and back
-- ``messages``    every value that crosses the process boundary
-- ``channel``     how those values travel on a pipe (frames)
-- ``pools``       the registry of live pools: ``process``, ``thread`` and ``ray``;
-  ``pools.launch`` starts processes, ``pools.reactor`` watches them,
-  ``pools.templates`` forks workers from a loaded model,
-  ``pools.run`` is a prompt in flight, as its consumer reads it
-- ``runner``      the job runner every backend shares
-- ``worker``      what runs in a worker process; ``outbox`` sends its events
-  back; ``ray_worker`` is the same in a Ray actor; ``template`` loads a model once
-  and forks workers that share it; ``threads`` sizes native thread pools;
-  ``_forkserver`` warms the forkserver up
-- ``status``, ``bench``, ``cli``   ``llm async-pool status`` and ``llm async-pool bench``
-- ``errors``      what a caller can catch
+- ``config``       where configuration is read: the ``LLM_ASYNC_POOL*`` variables
+- ``twin``         where the async twin is made: one for each sync-only model
+- ``wire``         llm's prompt and conversation into ``messages``, and back
+- ``messages``     every value that crosses a process boundary; ``channel``
+  frames them on pipes; ``cells`` is what a worker reads between two chunks
+  (stop, backpressure), in shared memory
+- ``pools``        the registry of live pools (and what a fork of the app forgets)
+
+  - ``base``       the interface, the ``Task`` record of a prompt, time limits
+  - ``process``    where a prompt crosses into a worker process, and how its
+    events come back; ``placement`` decides where each prompt goes (pure);
+    ``slots`` is a worker's state; ``supply`` is where workers come from
+    (the zygote, templates); ``templates`` is a model's template;
+    ``launch`` starts processes and watches them; ``inbox`` says who reads a
+    worker's events; ``reactor`` is the pool's thread; ``run`` is a prompt as
+    its consumer reads it
+  - ``thread``, ``ray`` (with ``ray_cluster``): the other two pools
+
+- in the processes: ``zygote`` forks workers and templates (``forks``);
+  ``template`` loads a model once; ``worker`` serves prompts with ``runner``
+  (the job runner every backend shares) and ``outbox`` (how events leave);
+  ``child`` is what each does first; ``ray_worker`` runs in a Ray actor;
+  ``threads`` sizes native thread pools; ``faults`` carries exceptions across
+- ``status``, ``cli``, ``bench``, ``bench_report``: ``llm async-pool status|bench``
+- ``errors``       what a caller can catch; ``loading``: the plugin's own import
 
 This module is the plugin's entry point. If the plugin cannot work here (a
 dependency or an llm API is missing), it registers nothing, ``llm`` and its

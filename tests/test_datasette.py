@@ -6,8 +6,10 @@ import sqlite3
 import statistics
 import time
 from importlib import metadata
+from pathlib import Path
 
 import pytest
+import yaml
 from datasette.app import Datasette
 from datasette_enrichments.utils import wait_for_job
 from packaging.version import Version
@@ -25,18 +27,23 @@ def process_pool(monkeypatch):
     monkeypatch.setenv("LLM_ASYNC_POOL", "process")
 
 
-def make_datasette(tmp_path, model_ref, rows=ROWS):
+def make_datasette(tmp_path, model_ref=None, rows=ROWS):
+    """Datasette with the README's configuration, or that with another model."""
     path = tmp_path / "data.db"
     with sqlite3.connect(path) as conn:
         conn.execute("create table docs (id integer primary key, body text)")
         conn.executemany("insert into docs (body) values (?)", [(r,) for r in rows])
-    return Datasette(
-        [str(path)],
-        config={
-            "permissions": {"enrichments": {"id": "root"}},
-            "plugins": {"datasette-llm": {"purposes": {"enrichments": {"model": model_ref}}}},
-        },
-    )
+    config = readme_config()
+    if model_ref is not None:
+        config["plugins"]["datasette-llm"]["purposes"]["enrichments"]["model"] = model_ref
+    return Datasette([str(path)], config=config)
+
+
+def readme_config():
+    """The datasette.yaml the README tells a user to write."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split("cat > datasette.yaml <<'EOF'\n", 1)[1].split("\nEOF", 1)[0]
+    return yaml.safe_load(block)
 
 
 async def enrich(ds, model_id, prompt="{{ body }}"):
@@ -70,15 +77,15 @@ async def results(ds):
     Version(metadata.version("datasette-llm")) < Version("0.1a7"),
     reason="datasette-llm reads per-model options from 0.1a7, which needs llm 0.32",
 )
-async def test_markov_enrichment_with_options_from_datasette_llm(tmp_path):
-    ds = make_datasette(tmp_path, {"model": "markov", "options": {"length": 5, "delay": 0}})
+async def test_markov_enrichment_with_the_readmes_configuration(tmp_path):
+    ds = make_datasette(tmp_path)  # markov, with options length 20 and delay 0
     job = await enrich(ds, "markov")
     await asyncio.wait_for(wait_for_job(ds, job, "data", timeout=60), 90)
     rows, errors = await results(ds)
     assert errors == []
     for row in rows:
         words = row["out"].split()
-        assert len(words) == 5  # the configured option reached the model
+        assert len(words) == 20  # the configured option reached the model
         assert set(words) <= set(row["body"].split())
 
 
