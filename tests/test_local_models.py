@@ -167,7 +167,7 @@ async def test_the_default_pool_size_keeps_half_the_memory_free(monkeypatch):
     """With LLM_ASYNC_POOL_WORKERS unset, a second worker starts only if, after
     it, half the machine's memory stays available, judged by what a loaded
     worker needed. Here the machine claims to be nearly full."""
-    from llm_async_procpool.pools import supply
+    from llm_async_procpool.pools import sizing
 
     monkeypatch.delenv("LLM_ASYNC_POOL_WORKERS")
     monkeypatch.setenv("LLM_ASYNC_POOL_SHARE", "off")  # a worker that loads for itself
@@ -175,14 +175,14 @@ async def test_the_default_pool_size_keeps_half_the_memory_free(monkeypatch):
     first = await weights().prompt("first").text()
     pool = process_pool(idle_timeout=417)
     deadline = time.monotonic() + 10
-    while not pool.supply.worker_cost:  # measured once the worker has loaded
+    while not pool.sizing.worker_cost:  # measured once the worker has loaded
         assert time.monotonic() < deadline, "the loaded worker's memory was not measured"
         await asyncio.sleep(0.05)
-    monkeypatch.setattr(supply, "available_memory", lambda: 2**20)
+    monkeypatch.setattr(sizing, "available_memory", lambda: 2**20)
     texts = await asyncio.gather(*(weights().prompt(str(i), pause=0.1).text() for i in range(4)))
     assert set(texts) == {first}  # all on the one worker: no room for a second
     assert len(worker_pids(pool)) == 1
-    monkeypatch.setattr(supply, "available_memory", lambda: 2**50)
+    monkeypatch.setattr(sizing, "available_memory", lambda: 2**50)
     seen = set()
     deadline = time.monotonic() + 30
     while len(seen) < 2:

@@ -261,7 +261,7 @@ async def test_a_worker_grown_past_max_memory_is_retired_between_prompts(monkeyp
     monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "1")
     monkeypatch.setenv("LLM_ASYNC_POOL_MAX_MEMORY", "100")
     model = probe()
-    pids = []
+    pids, growths = [], []
     for _ in range(6):
         response = model.prompt("x", chunks=1, leak=40)
         await response.text()
@@ -269,9 +269,11 @@ async def test_a_worker_grown_past_max_memory_is_retired_between_prompts(monkeyp
         (pool,) = [p for p in live_pools() if p.settings.max_memory == 100]
         (report,) = [p for p in status()["live_pools"] if p["size"] == 1 and p["pool"] == "process"]
         if len(set(pids)) == 1:  # until the first worker is retired, its growth shows
-            (worker,) = [w for w in report["workers"] if w["role"] == "worker"]
-            assert worker["growth"] is None or worker["growth"] >= 0
-        await asyncio.sleep(0.3)  # the check runs off the event loop, after the prompt
+            # (it may be retired already: the check runs off the loop, after the prompt)
+            workers = [w for w in report["workers"] if w["role"] == "worker"]
+            growths += [w["growth"] for w in workers if w["growth"] is not None]
+        await asyncio.sleep(0.3)
+    assert any(g >= 30 * 2**20 for g in growths), growths  # 40 MB kept per prompt
     assert len(set(pids)) >= 2, pids  # retired once past the limit, replaced
     assert pids.count(pids[0]) <= 3  # 40, 80, 120 MB kept: not a fourth prompt
     assert pool is not None

@@ -195,7 +195,7 @@ class Pool(ABC):
         self.submitted()
         return task.run
 
-    def _act(self, actions: Iterable[Any]) -> None:
+    def act(self, actions: Iterable[Any]) -> None:
         """Carry out decisions in order (lock held). A decision's consequences
         queue behind it, so a long cascade never recurses."""
         self._todo.extend(actions)
@@ -239,6 +239,11 @@ class Pool(ABC):
     @abstractmethod
     def stop(self, task: Task) -> None:
         """Stop a running task (lock held): its worker gets ``stop_allowance()``."""
+
+    def fail(self, tasks: list[Task], error: Exception) -> None:
+        """Tell each task's consumer it failed (they need not be running)."""
+        for task in tasks:
+            task.run.deliver(Failed(task.seq, error))
 
     def take(self, task: Task, count: int, nbytes: int) -> None:
         """The consumer took chunks: the backpressure window moves on."""

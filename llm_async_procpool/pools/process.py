@@ -7,12 +7,10 @@
     Run.close() --cells: stop seq--------------->  stops before the next chunk
 
 ``placement`` decides where each prompt goes; this module carries the
-decisions out and settles what comes back. Workers come from ``supply`` (the
-pool's zygote, and templates); a worker's state is a ``Slot``. A running
-prompt's events are read on its consumer's loop (``inbox``). The pool's one
-thread, the ``reactor``, sees processes exit, reads the zygote's and the
-templates' answers, and runs the timers: time limits, kills after a grace
-period, idle retirement.
+decisions out and settles what comes back. Workers come from ``supply``; a
+worker's state is a ``Slot``; its events are read on the consumer's loop
+(``inbox``). The pool's thread, the ``reactor``, sees processes exit, reads the
+zygote's and templates' answers, and runs the timers.
 """
 
 from __future__ import annotations
@@ -28,13 +26,14 @@ from ..cells import BUSY, Control
 from ..config import api_backed
 from ..errors import PoolClosed, PromptNotSendable
 from ..faults import decode_event
-from ..messages import KINDS, TERMINAL_KINDS, Chunks, Context, Done, Failed, NeedModel
+from ..messages import KINDS, TERMINAL_KINDS, Chunks, Done, Failed, NeedModel
 from ..wire import AppContext, dumps_with_model
 from . import launch
 from .base import Memory, Pool, Task, WorkerInfo, memory
 from .inbox import Frames, Inbox
 from .placement import Begin, ForkFrom, Placement, Retire, StartTemplate, StartWorker
 from .reactor import Reactor
+from .sizing import Sizing
 from .slots import Slot, State
 from .supply import Supply
 
@@ -53,13 +52,14 @@ class ProcessPool(Pool):
     def __init__(self, settings):
         super().__init__(settings)
         self.supply = Supply(self, self._lock)
-        self.placement = Placement(self.supply.room)
+        self.sizing = Sizing(settings, self.supply.cores)
+        self.placement = Placement(self.sizing.room)
         self.cells = self.supply.cells
         self._slots: set[Slot] = set()
         self._lingering: set[Inbox] = set()  # pipes of gone workers a stopped loop holds
         self._reactor: Reactor | None = None
         self._helper: ThreadPoolExecutor | None = None
-        self._context = AppContext()
+        self.current_context = AppContext()  # the app's directory and environment now
         self._empty_since = time.monotonic()
         self._next_tick = 0.0  # when the reactor will look at the timers next
 
@@ -67,7 +67,7 @@ class ProcessPool(Pool):
     def enqueue(self, task: Task) -> None:
         task.context = self.current_context()
         can_share = self.settings.share and launch.CAN_SHARE and not api_backed(task.model)
-        self._act(self.placement.submit(task, can_share))
+        self.act(self.placement.submit(task, can_share))
 
     def submitted(self) -> None:
         """Start the reactor after any fork from this thread: no threads before it."""
@@ -79,12 +79,6 @@ class ProcessPool(Pool):
                     self._watch_exit(slot)
                     if slot.inbox.stranded:
                         slot.inbox.to_reactor()
-
-    def current_context(self) -> Context:
-        return self._context()
-
-    def act(self, actions: Iterable[Any]) -> None:
-        self._act(actions)
 
     def _do(self, action: Any) -> None:
         if type(action) is Begin:
@@ -137,10 +131,6 @@ class ProcessPool(Pool):
             reactor.unwatch(fd, then)
         elif then is not None:
             then()
-
-    def fail(self, tasks: list[Task], error: Exception) -> None:
-        for task in tasks:
-            task.run.deliver(Failed(task.seq, error))
 
     # ------------------------------------------------------------ workers arriving
     def add_slot(
@@ -198,9 +188,9 @@ class ProcessPool(Pool):
         """The job's first event: its model is loaded on this worker."""
         with self._lock:
             if task.hear() and slot.task is task:
-                self._act(self.placement.loaded(slot, task.key))
-        if task.cold:
-            self.later(self.supply.measure, slot)
+                self.act(self.placement.loaded(slot, task.key))
+        if task.cold or slot.loaded_private is None:  # (a forked one came loaded)
+            self.later(self.sizing.measure, slot)
 
     def _send_model(self, slot: Slot, task: Task) -> None:
         """The worker's registry lacks this model: send it once, pickled."""
@@ -223,14 +213,22 @@ class ProcessPool(Pool):
                 limit = self.settings.max_tasks
                 if limit is not None and slot.count >= limit:
                     slot.retire()  # recycled: a fresh worker replaces it on demand
-                    self._act(self.placement.retire(slot))
+                    self.act(self.placement.retire(slot))
                 else:
-                    self._act(self.placement.free(slot))
+                    self.act(self.placement.free(slot))
         if self.settings.max_memory is not None:
-            self.later(self.supply.check_memory, slot)
+            self.later(self._check_memory, slot)
         if type(event) is Done and event.cancelled and task.stopping:
             return  # stopped by the pool (timeout, stopped loop): the consumer was told
         task.run.deliver(event)
+
+    def _check_memory(self, slot: Slot) -> None:
+        """Off the loop: one grown too big is retired (after any prompt it took since)."""
+        if self.sizing.too_big(slot):
+            with self._lock:
+                if slot.state in (State.IDLE, State.BUSY, State.STOPPING):
+                    slot.retire()
+                    self.act(self.placement.retire(slot))
 
     def _on_exit(self, slot: Slot) -> None:
         """Its sentinel fired: the process is gone. Read what it sent, then settle."""
@@ -249,7 +247,7 @@ class ProcessPool(Pool):
             if slot.template is not None:
                 slot.template.children -= 1
                 slot.template.idle_since = time.monotonic()
-            self._act(self.placement.gone(slot, retired))
+            self.act(self.placement.gone(slot, retired))
         self.unwatch(slot.handle.sentinel, lambda: self._let_go(slot))
         if task is not None:
             if self.closed:
@@ -300,7 +298,7 @@ class ProcessPool(Pool):
                 retiring = slot.state is not State.RETIRED
                 when = slot.timer(now, idle_timeout)  # may kill or retire it
                 if retiring and slot.state is State.RETIRED:
-                    self._act(self.placement.retire(slot))
+                    self.act(self.placement.retire(slot))
                 if when is not None:
                     due.append(when)
             due += self.supply.tick(now, idle_timeout)

@@ -101,7 +101,7 @@ class RayPool(Pool):
         self._tell_failed()
 
     def enqueue(self, task: Task) -> None:
-        self._act(self._placement.submit(task, False))
+        self.act(self._placement.submit(task, False))
 
     def _room(self, live: int) -> bool:
         if self.settings.workers is not None:
@@ -131,7 +131,7 @@ class RayPool(Pool):
         failed, actions = self._placement.start_failed(key)
         if failed is not None:
             self._failed.append((failed, error))
-        self._act(actions)
+        self.act(actions)
 
     def _tell_failed(self) -> None:
         with self._lock:
@@ -193,7 +193,7 @@ class RayPool(Pool):
                 if not task.heard:
                     with self._lock:
                         task.hear()
-                        self._act(self._placement.loaded(task.slot, task.key))
+                        self.act(self._placement.loaded(task.slot, task.key))
                 if type(event) is not Chunks:
                     return event  # terminal (or a chunk that could not be read: it ends)
                 event.nbytes = len(data)
@@ -223,7 +223,7 @@ class RayPool(Pool):
             actor.stopping = None
             actor.idle_since = time.monotonic()
             if actor in self._actors:
-                self._act(self._placement.free(actor))
+                self.act(self._placement.free(actor))
 
     def _actor_died(self, actor: Actor, task: RayTask, error: Exception) -> None:
         node = actor.info.get("node", "?")
@@ -235,7 +235,7 @@ class RayPool(Pool):
                     self._drop(other)
             if not task.heard and not task.requeued:  # none of it ran: place it again
                 task.slot, task.requeued = None, True  # (once: its model may be what kills)
-                self._act(self._placement.requeue(task))
+                self.act(self._placement.requeue(task))
                 return
         task.run.deliver(
             Failed(
@@ -252,7 +252,7 @@ class RayPool(Pool):
         """Forget an actor and kill it (lock held)."""
         if actor in self._actors:
             self._actors.remove(actor)
-            self._act(self._placement.gone(actor, retired=False))
+            self.act(self._placement.gone(actor, retired=False))
         self.cluster.kill(actor)
 
     # ------------------------------------------------------------ stopping early
@@ -334,7 +334,7 @@ class RayPool(Pool):
                 )
                 return
             actor.info, actor.describing = info, None
-            self._act(self._placement.arrived(actor, actor.key))
+            self.act(self._placement.arrived(actor, actor.key))
 
     def _retire_idle(self) -> None:
         now = time.monotonic()
@@ -343,8 +343,8 @@ class RayPool(Pool):
                 idle = actor.idle_since
                 if actor.task is None and idle and now - idle >= self.settings.idle_timeout:
                     self._actors.remove(actor)
-                    self._act(self._placement.retire(actor))
-                    self._act(self._placement.gone(actor, retired=True))
+                    self.act(self._placement.retire(actor))
+                    self.act(self._placement.gone(actor, retired=True))
                     self.cluster.kill(actor)
 
     # ------------------------------------------------------------ inspecting

@@ -96,13 +96,12 @@ class Slot:
     def end(self) -> Task | None:
         """Its prompt ended; returns it. A retired worker stays retired."""
         task, self.task = self.task, None
-        self.kill_at = None
         if task is not None:
             self.count += 1
             conversation = task.job.conversation
             self.served = None if conversation is None else conversation.id
-        if self.state is not State.RETIRED:
-            self.state, self.idle_since = State.IDLE, time.monotonic()
+        if self.state is not State.RETIRED:  # (a retired one keeps its kill deadline)
+            self.state, self.idle_since, self.kill_at = State.IDLE, time.monotonic(), None
         return task
 
     def retire(self) -> None:

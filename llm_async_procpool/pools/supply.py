@@ -26,15 +26,11 @@ from ..config import MAX_WORKERS, PoolSettings
 from ..errors import PoolConfigError, PromptTimeout, WorkerCrashed
 from ..messages import Boot, Context, Failed, Fork, Ready, Warmed
 from . import launch
-from .base import Memory, Task, WorkerInfo, available_memory, memory, total_memory
+from .base import Memory, Task, WorkerInfo
 from .placement import Placement
 from .reactor import Reactor
 from .slots import Slot
-from .slots import State as SlotState
 from .templates import State, Template
-
-#: A new worker starts by default only while this share of memory stays available.
-KEEP_FREE = 0.5
 
 
 class Host(Protocol):
@@ -69,7 +65,6 @@ class Supply:
         self.templates: set[Template] = set()
         self.starting: dict[int, launch.Pipes] = {}  # forks asked for, by cell index
         self.context: Context | None = None  # the app's, when the zygote started
-        self.worker_cost = 0  # the most private memory a loaded worker has needed
         self._indexes = list(range(MAX_WORKERS - 1, -1, -1))
         self._zygote: launch.Zygote | None = None
         self._ready = False
@@ -148,38 +143,6 @@ class Supply:
             self._zygote = None
 
     # ------------------------------------------------------------ workers
-    def room(self, live: int) -> bool:
-        """May another worker start? By default, one per usable core, while at
-        least half of the machine's memory stays available after it."""
-        workers = self.host.settings.workers
-        if workers is not None:
-            return live < workers
-        if live >= self.cores:
-            return False
-        if live == 0 or not self.worker_cost:
-            return True
-        free, total = available_memory(), total_memory()
-        return free is None or not total or free - self.worker_cost >= KEEP_FREE * total
-
-    def measure(self, slot: Slot) -> None:
-        """A worker's private memory once it loaded a model: what it grows from,
-        and (for a worker that loads for itself) what the next one may need."""
-        cost = memory(slot.pid).private or 0
-        with self.lock:
-            slot.loaded_private = cost
-            if self.host.settings.workers is None and slot.template is None:
-                self.worker_cost = max(self.worker_cost, cost)
-
-    def check_memory(self, slot: Slot) -> None:
-        """``LLM_ASYNC_POOL_MAX_MEMORY``: a worker grown past it is retired (it
-        ends the prompt it may have taken since, then exits)."""
-        private = memory(slot.pid).private or 0
-        with self.lock:
-            limit = self.host.settings.max_memory * 2**20
-            if private > limit and slot.state not in (SlotState.GONE, SlotState.RETIRED):
-                slot.retire()
-                self.host.act(self.host.placement.retire(slot))
-
     def take_index(self) -> int:
         index = self._indexes.pop()
         Control(self.cells, index).clear()
