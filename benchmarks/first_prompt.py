@@ -11,7 +11,9 @@ single-threaded app (the zygote is forked from it) and, for process mode, in
 an app with a thread (the zygote starts fresh). Contenders are interleaved in
 rounds; medians and ranges are printed, with each against thread mode.
 
-``--steps`` times process mode's path instead, from the parent's side: when
+``--server N``: the app looks the model up when it starts, as a server
+listing its models does, and prompts N seconds later; the time counts from
+the prompt. ``--steps`` times process mode's path instead, from the parent's side: when
 the zygote answered, when the template's warm-up ended, when the worker forked
 from it arrived, when the worker's first event came, and the first token.
 """
@@ -39,29 +41,35 @@ from benchmarks.real_models import register_plugin
 register_plugin()
 
 def serial():
-    started = time.perf_counter()
+    if {gap}:  # a server: the model was looked up at start, the prompt comes later
+        llm.get_model({model!r})
+        time.sleep({gap})
+    started = prompted[0] = time.perf_counter()
     for _chunk in llm.get_model({model!r}).prompt({prompt!r}, **{options!r}):
         return time.perf_counter() - started
 
 async def pooled():
-    started = time.perf_counter()
+    if {gap}:
+        llm.get_async_model({model!r})
+        await asyncio.sleep({gap})
+    started = prompted[0] = time.perf_counter()
     async for _chunk in llm.get_async_model({model!r}).prompt({prompt!r}, **{options!r}):
         return time.perf_counter() - started
 
-steps = {{}}
+prompted, steps = [0.0], {{}}
 if {steps}:
     from llm_async_procpool.pools import process, supply
-    begun = time.perf_counter()
 
     def mark(cls, name, step):
         original = getattr(cls, name)
 
         def marked(*args, **kwargs):
-            steps.setdefault(step, time.perf_counter() - begun)
+            steps.setdefault(step, time.perf_counter())
             return original(*args, **kwargs)
 
         setattr(cls, name, marked)
 
+    mark(supply.Supply, "_on_zygote", "zygote answered")
     mark(supply.Supply, "start_template", "template asked for")
     mark(supply.Supply, "_template_started", "template forked")
     mark(supply.Supply, "template_ready", "warm-up done (template ready)")
@@ -70,6 +78,7 @@ if {steps}:
     mark(process.ProcessPool, "_heard", "worker's first event")
 
 first = serial() if {kind!r} == "serial" else asyncio.run(pooled())
+steps = {{step: when - prompted[0] for step, when in steps.items()}}  # < 0: before it
 print(json.dumps({{"first": first, "steps": steps}}))
 """
 
@@ -90,7 +99,7 @@ MODELS = {
 }
 
 
-def sample(model: str, contender: str, steps: bool = False) -> dict:
+def sample(model: str, contender: str, steps: bool = False, gap: float = 0.0) -> dict:
     kind, environ, threaded = CONTENDERS[contender]
     _, prompt, options = MODELS[model]
     script = SCRIPT.format(
@@ -101,6 +110,7 @@ def sample(model: str, contender: str, steps: bool = False) -> dict:
         options=options,
         kind=kind,
         steps=steps,
+        gap=gap,
     )
     env = {**os.environ, "LLM_ASYNC_POOL_WORKERS": "2", **environ}
     out = subprocess.run(
@@ -116,18 +126,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--steps", action="store_true", help="time process mode's steps")
+    parser.add_argument(
+        "--server",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="look the model up at start, as a server listing models does, and prompt "
+        "this long after (timed from the prompt)",
+    )
     args = parser.parse_args(argv)
     for model in args.models.split(","):
         if importlib.util.find_spec(MODELS[model][0]) is None:
             print(f"{model}: skipped, {MODELS[model][0]} is not installed")
             continue
         if args.steps:
-            print_steps(model, [sample(model, "process", True) for _ in range(args.rounds)])
+            samples = [sample(model, "process", True, args.server) for _ in range(args.rounds)]
+            print_steps(model, samples)
             continue
         times: dict[str, list[float]] = {name: [] for name in CONTENDERS}
         for _ in range(args.rounds):
             for name in CONTENDERS:
-                times[name].append(sample(model, name)["first"])
+                times[name].append(sample(model, name, gap=args.server)["first"])
         thread = statistics.median(times["thread"])
         print(f"{model}: cold first token, {args.rounds} rounds (median, min-max):")
         for name, values in times.items():
@@ -140,22 +159,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_steps(model: str, samples: list[dict]) -> None:
-    """Each step's time since the prompt was sent (medians), and the gap before it."""
+    """Each step's time since the prompt was sent (medians; < 0: before it),
+    and the time since the step before it."""
     print(f"{model}: process mode's first prompt, {len(samples)} samples (median s since sent):")
-    names = sorted(
-        {step for one in samples for step in one["steps"]},
-        key=lambda step: statistics.median(one["steps"].get(step, 0) for one in samples),
-    )
-    previous = 0.0
+
+    def median(step: str) -> float:
+        if step == "first token":
+            return statistics.median(one["first"] for one in samples)
+        return statistics.median(one["steps"][step] for one in samples if step in one["steps"])
+
+    names = sorted({step for one in samples for step in one["steps"]}, key=median)
+    previous = min([0.0, *map(median, names)])
     for step in [*names, "first token"]:
-        values = [
-            one["first"] if step == "first token" else one["steps"][step]
-            for one in samples
-            if step == "first token" or step in one["steps"]
-        ]
-        median = statistics.median(values)
-        print(f"  {step:<34} {median:6.2f} s  (+{median - previous:.2f})")
-        previous = median
+        print(f"  {step:<34} {median(step):6.2f} s  (+{median(step) - previous:.2f})")
+        previous = median(step)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,14 @@ from .errors import (
 from .loading import IMPORT_ERROR
 
 if IMPORT_ERROR is None:
-    from .loading import AsyncKeyTwin, AsyncTwin, live_pools, make_twin, shutdown_pools
+    from .loading import (
+        AsyncKeyTwin,
+        AsyncTwin,
+        live_pools,
+        make_twin,
+        prepare_pool,
+        shutdown_pools,
+    )
 
 __all__ = [
     "AsyncKeyTwin",
@@ -75,6 +82,7 @@ _THREAD_TWIN_MODULE = "llm_all_models_async"
 def register_models(register, model_aliases):
     if IMPORT_ERROR is not None:
         return
+    twinned = []
     for entry in model_aliases:
         current = entry.async_model
         if entry.model is None:
@@ -83,6 +91,9 @@ def register_models(register, model_aliases):
             twin = make_twin(entry.model)
             if twin is not None:
                 entry.async_model = twin
+                twinned.append(entry.model)
+    if twinned:
+        prepare_pool(twinned)
 
 
 @llm.hookimpl

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 try:
     from .pools import live_pools, shutdown_pools
-    from .twin import AsyncKeyTwin, AsyncTwin, make_twin
+    from .twin import AsyncKeyTwin, AsyncTwin, make_twin, prepare_pool
 except Exception as error:  # never break the host
     IMPORT_ERROR: Exception | None = error
 else:
@@ -20,5 +20,6 @@ __all__ = [
     "AsyncTwin",
     "live_pools",
     "make_twin",
+    "prepare_pool",
     "shutdown_pools",
 ]

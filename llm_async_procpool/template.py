@@ -3,7 +3,8 @@
 The zygote forks a template candidate for a model that can be shared. It
 loads the model the way its plugin does, lazily, by running one short warm-up
 prompt ("hello", the model's default options) and stopping it at its first
-chunk, with every native thread pool held to one thread. Then:
+chunk (a llama.cpp model: as soon as its context is built, see ``llama``),
+with every native thread pool held to one thread. Then:
 
 - if forking it is safe, it becomes the model's template, and every worker
   for that model is forked from it (``forks.serve``), so the workers share its
@@ -31,7 +32,7 @@ import socket
 import sys
 from typing import Any
 
-from . import channel, child, forks, threads, worker
+from . import channel, child, forks, llama, threads, worker
 from .cells import Control, local
 from .messages import Boot, Done, NeedModel, Warmed
 from .runner import run_job
@@ -133,10 +134,14 @@ def _warm_up(server: worker.Worker, sock: socket.socket) -> tuple[str, int]:
         forks.send(sock, NeedModel(job.seq))
     job.model_blob = None
     control = Control(local())
-    result = run_job(job, model, _StopAtFirstChunk(control, job.seq), control, _One())
+    llama.warming_up(True)
+    try:
+        result = run_job(job, model, _StopAtFirstChunk(control, job.seq), control, _One())
+    finally:
+        llama.warming_up(False)
     gc.collect()
     problem = ""
-    if type(result) is not Done:
+    if type(result) is not Done and type(result.error) is not llama.Loaded:
         problem = f"{type(result.error).__name__}: {result.error}"
     return problem, threads.threads_now()
 

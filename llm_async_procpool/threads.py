@@ -15,20 +15,18 @@ on two cores would then run four compute threads, and every worker loses.
   a worker running alone gets every core, and each of N busy workers gets
   ``cores // N``, through ``torch.set_num_threads``, threadpoolctl (BLAS and
   OpenMP pools) and ``llama_set_n_threads`` on every llama.cpp context the
-  process holds (found without the plugin's help: ``_Llamas``).
+  process holds (found without the plugin's help: ``llama``).
 """
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
 import multiprocessing
 import os
 import sys
-import weakref
 from collections.abc import Callable
 from typing import Any
 
+from . import llama
 from .cells import BUSY
 
 KNOBS = (
@@ -90,7 +88,7 @@ class Budget:
         self.modules = -1
         self.current = 0
         self.native = 0  # native libraries loaded when the share was last applied
-        self.llamas = _Llamas()
+        self.llamas = llama.Contexts()
 
     def share(self) -> int:
         """The threads this worker may use now."""
@@ -109,101 +107,6 @@ class Budget:
             self.current, self.native = share, native
             limit(share)
             self.llamas.resize(share)
-
-
-class _Llamas:
-    """The llama.cpp contexts (llama-cpp-python's ``Llama``) this process holds.
-
-    llama-cpp-python fixes a context's thread counts when the model is built,
-    from the CPU count; ``llama_set_n_threads`` changes them on a live
-    context. ``watch_llama_cpp()``, installed in the zygote before any model
-    code runs, records each ``Llama`` as it is built, on the class itself, so
-    a worker forked from a template finds the template's. Each gets
-    llama-cpp-python's own defaults for the share: half of it (at least one)
-    for generation, all of it for a prompt's batch.
-    """
-
-    def __init__(self):
-        self.seen = 0  # contexts built when the share was last applied
-
-    @property
-    def new(self) -> bool:
-        built = _built_llamas()
-        return built is not None and built.count != self.seen
-
-    def resize(self, share: int) -> None:
-        built = _built_llamas()
-        if built is None:
-            return
-        self.seen = built.count
-        generation = max(share // 2, 1)
-        for llama in list(built.instances):
-            try:
-                llama._ctx.set_n_threads(generation, share)
-            except Exception:  # not a llama-cpp-python we know, or a closed context
-                continue
-            llama.n_threads, llama.n_threads_batch = generation, share
-            llama.context_params.n_threads = generation
-            llama.context_params.n_threads_batch = share
-
-
-class _Built:
-    """Kept on ``llama_cpp.Llama``: its live instances, and how many were built."""
-
-    def __init__(self):
-        self.instances: weakref.WeakSet = weakref.WeakSet()
-        self.count = 0
-
-
-def _built_llamas() -> _Built | None:
-    llama_cpp = sys.modules.get("llama_cpp")
-    return getattr(getattr(llama_cpp, "Llama", None), "_llm_async_pool_built", None)
-
-
-def _record_llamas(module: Any) -> None:
-    cls = getattr(module, "Llama", None)
-    if not isinstance(cls, type) or "_llm_async_pool_built" in cls.__dict__:
-        return
-    built, original = _Built(), cls.__init__
-
-    def __init__(llama: Any, *args: Any, **kwargs: Any) -> None:
-        original(llama, *args, **kwargs)
-        built.instances.add(llama)
-        built.count += 1
-
-    cls.__init__ = __init__
-    cls._llm_async_pool_built = built
-
-
-class _LlamaFinder(importlib.abc.MetaPathFinder):
-    """Lets ``llama_cpp`` import as usual, then records the contexts it builds."""
-
-    def find_spec(self, name: str, path: Any, target: Any = None) -> Any:
-        if name != "llama_cpp":
-            return None
-        sys.meta_path.remove(self)
-        try:
-            spec = importlib.util.find_spec(name)
-        finally:
-            sys.meta_path.insert(0, self)
-        if spec is None or spec.loader is None:
-            return spec
-        execute = spec.loader.exec_module
-
-        def exec_module(module: Any) -> None:
-            execute(module)
-            _record_llamas(module)
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
-def watch_llama_cpp() -> None:
-    """Record every llama.cpp context this process (and its forks) will build."""
-    if "llama_cpp" in sys.modules:
-        _record_llamas(sys.modules["llama_cpp"])
-    elif not any(isinstance(finder, _LlamaFinder) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _LlamaFinder())
 
 
 def limit(threads: int) -> None:

@@ -8,6 +8,7 @@ to a pool and replays what comes back onto the ``AsyncResponse``.
 
 from __future__ import annotations
 
+import asyncio
 import weakref
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -110,6 +111,26 @@ class AsyncKeyTwin(_Twin, llm.AsyncKeyModel):
     """Async twin of an ``llm.KeyModel``; the parent resolves the key."""
 
     execute = _Twin.execute
+
+
+def prepare_pool(models: list[llm.Model]) -> None:
+    """An async app is looking models up (a server listing them, a handler
+    about to prompt): start the process pool's zygote now, in the background,
+    so that its first prompt does not wait for it. Never fails the lookup."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return  # not an async app (the llm CLI, a sync script): nothing to prepare
+    try:
+        settings = config.load()
+        local = [m for m in models if not config.api_backed(m)]
+        if not local or settings.models:  # (per-model pools: resolving them looks models up)
+            return
+        pool_settings = settings.pool_for(local[0])
+        if pool_settings.kind == "process":
+            get_pool(pool_settings).prepare()
+    except Exception:  # a bad setting, a pool shutting down: the prompt will say
+        pass
 
 
 def make_twin(model: llm.Model) -> llm.AsyncModel | None:

@@ -30,7 +30,7 @@ import traceback
 from typing import Any, NoReturn
 
 from . import cells as shared_cells
-from . import child, forks, template, threads, worker
+from . import child, forks, llama, template, threads, worker
 from .messages import Boot, Fork, Ready
 
 
@@ -67,7 +67,7 @@ def serve(boot: Boot, sock: socket.socket, cells: Any) -> NoReturn:
     os.environ.update(threads.environment(dict(os.environ), 1))
     parked = threads.openblas_threads()  # OpenBLAS keeps them, parked, after this:
     threads.limit(1)  # pools of libraries the app had already loaded
-    threads.watch_llama_cpp()  # before any model code, so the budget can resize them
+    llama.watch()  # before any model code, so the budget can resize them
     problem = _load(boot.preload)
     models = worker.Models(boot.inherited)
     models.registry = worker.registry()  # built once: every worker inherits it

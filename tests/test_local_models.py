@@ -287,6 +287,25 @@ def test_preloaded_modules_are_in_every_worker_from_the_start(tmp_path):
     assert result.stdout.strip() == "['wave']"
 
 
+async def test_a_llama_cpp_template_stops_its_warm_up_once_the_context_is_built(monkeypatch):
+    """Building the context is the load: the template's warm-up ends at its first
+    eval, so the first prompt does not wait for a warm-up prompt on one thread.
+    The worker forked from it has evaluated only its own prompt's tokens."""
+    from llm_async_procpool.status import status
+
+    fakes = os.path.join(os.path.dirname(__file__), "fakes")
+    monkeypatch.syspath_prepend(fakes)  # before the pool (and its zygote) starts
+    monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "1")
+    monkeypatch.setenv("LLM_ASYNC_POOL_IDLE_TIMEOUT", "417")
+    model = llm.get_async_model("probe-llama")
+    first = await model.prompt("one two three", evaluated=True).text()
+    second = await model.prompt("four five", evaluated=True).text()
+    assert first.split()[1] == "3"  # the warm-up's "hello" was never evaluated
+    assert second.split()[1] == "5"  # and the context goes on evaluating as usual
+    (report,) = [p for p in status()["live_pools"] if p["size"] == 1 and p["pool"] == "process"]
+    assert report["sharing"]["probe-llama"].startswith("shared from template"), report
+
+
 @pytest.mark.parametrize("share", ["on", "off"])
 async def test_a_llama_cpp_context_gets_every_core_alone_and_its_share_when_busy(
     monkeypatch, share

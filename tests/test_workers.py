@@ -313,3 +313,26 @@ async def test_a_conversation_goes_back_to_the_worker_that_served_its_last_turn(
     seen = await response.json()
     assert (seen["pid"], seen["instance"]) == where[0][0]
     await blocker
+
+
+async def test_an_async_app_looking_a_model_up_starts_the_zygote_before_its_first_prompt(
+    monkeypatch,
+):
+    """The zygote (llm and every plugin imported: a second or more when it starts
+    fresh) starts when an async app looks models up, as a server listing them
+    does, so the first prompt does not wait for it. A lookup with no event loop
+    running (the llm CLI, a sync script) starts nothing."""
+    monkeypatch.setenv("LLM_ASYNC_POOL", "process")
+    monkeypatch.setenv("LLM_ASYNC_POOL_IDLE_TIMEOUT", "421")  # a pool of its own
+
+    def zygotes():
+        pools = [p for p in live_pools() if p.settings.idle_timeout == 421]
+        return [w.pid for p in pools for w in p.workers() if w.role == "zygote"]
+
+    await asyncio.to_thread(llm.get_async_model, "probe")  # no loop in that thread
+    assert zygotes() == []
+    model = llm.get_async_model("probe")
+    (zygote,) = zygotes()
+    assert pid_alive(zygote)
+    assert (await model.prompt("x", chunks=1).json())["pid"] != zygote
+    assert zygotes() == [zygote]  # the prompt's worker came from it

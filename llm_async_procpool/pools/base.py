@@ -225,6 +225,10 @@ class Pool(ABC):
         """After a task is queued, outside the lock."""
         return None
 
+    def prepare(self) -> None:
+        """Start, in the background, what a first prompt would wait for."""
+        return None
+
     def cancel(self, task: Task) -> None:
         """The consumer left: drop the task from the queue, or stop it."""
         with self._lock:

@@ -69,6 +69,15 @@ class ProcessPool(Pool):
         can_share = self.settings.share and launch.CAN_SHARE and not api_backed(task.model)
         self.act(self.placement.submit(task, can_share))
 
+    def prepare(self) -> None:
+        """The zygote: started fresh it imports llm and every plugin (a second
+        or more), time a first prompt need not wait for."""
+        with self._lock:
+            if self.closed:
+                return
+            self.supply.zygote()
+        self.submitted()
+
     def submitted(self) -> None:
         """Start the reactor after any fork from this thread: no threads before it."""
         with self._lock:

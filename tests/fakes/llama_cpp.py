@@ -1,6 +1,7 @@
 """A stand-in for llama-cpp-python, for tests: a ``Llama`` that sizes its thread
 counts from the CPU count when it is built, as the real one does, and whose
-live context takes new counts through ``_ctx.set_n_threads``."""
+live context takes new counts through ``_ctx.set_n_threads``, and whose
+``eval`` evaluates a prompt's tokens."""
 
 import multiprocessing
 
@@ -24,6 +25,10 @@ class Llama:
         self.n_threads_batch = n_threads_batch or multiprocessing.cpu_count()
         self.context_params = _Params()
         self._ctx = _Context(self.n_threads, self.n_threads_batch)
+        self.evaluated = 0  # tokens evaluated, in this process and the one it was forked from
+
+    def eval(self, tokens):
+        self.evaluated += len(tokens)
 
     def threads_now(self):
         """What llama.cpp would use for the next batch and the next token."""
