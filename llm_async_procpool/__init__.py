@@ -24,7 +24,8 @@ Module map, following a prompt (the design: docs/how-it-works.md):
   ``template`` loads a model once; ``worker`` serves prompts with ``runner``
   (the job runner every backend shares) and ``outbox`` (how events leave);
   ``child`` is what each does first; ``ray_worker`` runs in a Ray actor;
-  ``threads`` sizes native thread pools; ``faults`` carries exceptions across
+  ``threads`` sizes native thread pools (``llama`` finds llama.cpp's
+  contexts); ``faults`` carries exceptions across
 - ``status``, ``cli``, ``bench``, ``bench_report``: ``llm async-pool status|bench``
 - ``errors``       what a caller can catch; ``loading``: the plugin's own import
 

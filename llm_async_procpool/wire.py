@@ -62,6 +62,11 @@ def model_identity(model: llm.Model) -> tuple[str, str]:
     return f"{model.model_id}\0{name}#{token}", name
 
 
+def key_model_id(key: str) -> str:
+    """The model id in a key from ``model_identity``."""
+    return key.split("\0", 1)[0]
+
+
 class AppContext:
     """The app's directory and environment, as a ``Context`` that is a new
     object only when they changed (so a worker is sent one only then)."""

@@ -27,7 +27,7 @@ from ..config import api_backed
 from ..errors import PoolClosed, PromptNotSendable
 from ..faults import decode_event
 from ..messages import KINDS, TERMINAL_KINDS, Chunks, Done, Failed, NeedModel
-from ..wire import AppContext, dumps_with_model
+from ..wire import AppContext, dumps_with_model, key_model_id
 from . import launch
 from .base import Memory, Pool, Task, WorkerInfo, memory
 from .inbox import Frames, Inbox
@@ -70,12 +70,10 @@ class ProcessPool(Pool):
         self.act(self.placement.submit(task, can_share))
 
     def prepare(self) -> None:
-        """The zygote: started fresh it imports llm and every plugin (a second
-        or more), time a first prompt need not wait for."""
+        """The zygote: started fresh it imports llm and every plugin (seconds)."""
         with self._lock:
-            if self.closed:
-                return
-            self.supply.zygote()
+            if not self.closed:
+                self.supply.zygote()
         self.submitted()
 
     def submitted(self) -> None:
@@ -335,11 +333,9 @@ class ProcessPool(Pool):
     def workers(self) -> list[WorkerInfo]:
         with self._lock:
             slots = sorted(self._slots, key=lambda s: s.pid)
+            models = {s.pid: sorted(map(key_model_id, s.models)) for s in slots}
             infos = [
-                WorkerInfo(
-                    s.pid, Memory(), sorted(_model_id(k) for k in s.models), s.count, bool(s.task)
-                )
-                for s in slots
+                WorkerInfo(s.pid, Memory(), models[s.pid], s.count, bool(s.task)) for s in slots
             ]
             loaded = {s.pid: s.loaded_private for s in slots}
             infos += self.supply.infos()
@@ -400,7 +396,3 @@ class ProcessPool(Pool):
         self.supply.forget()
         if self._reactor is not None:
             self._reactor.forget()
-
-
-def _model_id(key: str) -> str:
-    return key.split("\0", 1)[0]

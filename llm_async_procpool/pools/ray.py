@@ -35,7 +35,7 @@ from ..config import MAX_WORKERS
 from ..errors import PoolClosed, PoolConfigError, PromptTimeout, RemoteError, WorkerCrashed
 from ..faults import decode_event
 from ..messages import KINDS, Chunks, Done, Failed, Job, NeedModel
-from ..wire import dumps_job, dumps_with_model
+from ..wire import dumps_job, dumps_with_model, key_model_id
 from .base import Memory, Pool, Task, WorkerInfo, memory
 from .placement import Begin, Placement, Retire, StartWorker
 from .ray_cluster import Actor, Cluster
@@ -361,7 +361,7 @@ class RayPool(Pool):
                 WorkerInfo(
                     pid,
                     memory(pid) if node == local else Memory(),
-                    sorted(k.split("\0", 1)[0] for k in actor.models),
+                    sorted(key_model_id(k) for k in actor.models),
                     actor.count,
                     actor.task is not None,
                     node=node,

@@ -25,6 +25,7 @@ from ..cells import Control
 from ..config import MAX_WORKERS, PoolSettings
 from ..errors import PoolConfigError, PromptTimeout, WorkerCrashed
 from ..messages import Boot, Context, Failed, Fork, Ready, Warmed
+from ..wire import key_model_id
 from . import launch
 from .base import Memory, Task, WorkerInfo
 from .placement import Placement
@@ -340,7 +341,7 @@ class Supply:
     def infos(self) -> list[WorkerInfo]:
         """Its ready templates and the zygote, for ``status`` (lock held)."""
         infos = [
-            WorkerInfo(t.handle.pid, Memory(), [t.key.split("\0", 1)[0]], role="template")
+            WorkerInfo(t.handle.pid, Memory(), [key_model_id(t.key)], role="template")
             for t in sorted(self.templates, key=lambda t: t.index)
             if t.state is State.READY
         ]

@@ -29,6 +29,7 @@ from ..config import Settings
 from ..errors import PoolClosed
 from ..messages import Chunks, Done, Failed, Job
 from ..runner import run_job
+from ..wire import key_model_id
 from ..worker import class_name, registry
 from .base import Pool, Task, WorkerInfo, memory
 from .reactor import Reactor
@@ -214,7 +215,7 @@ class ThreadPool(Pool):
 
     def workers(self) -> list[WorkerInfo]:
         with self._lock:
-            models = sorted({key.split("\0", 1)[0] for key in self._models})
+            models = sorted({key_model_id(key) for key in self._models})
             return [
                 WorkerInfo(
                     os.getpid(), memory(os.getpid()), models, self._served, bool(self._running)
