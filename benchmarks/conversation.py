@@ -29,13 +29,25 @@ from benchmarks.real_models import register_plugin
 from llm_async_procpool import shutdown_pools
 from llm_async_procpool.pools import placement
 
+#: Two chats on different subjects: with the same questions, greedy decoding would
+#: give both chats the same history, and each would find the other's prefix cached.
 QUESTIONS = [
-    "Tell me about the history of the bicycle in a few sentences.",
-    "Who improved it most, and when?",
-    "What did people of the time think of it?",
-    "How did it change the lives of women?",
-    "What came next, after the safety bicycle?",
-    "Summarise our whole conversation in two sentences.",
+    [
+        "Tell me about the history of the bicycle in a few sentences.",
+        "Who improved it most, and when?",
+        "What did people of the time think of it?",
+        "How did it change the lives of women?",
+        "What came next, after the safety bicycle?",
+        "Summarise our whole conversation in two sentences.",
+    ],
+    [
+        "How do bees make honey? Explain it briefly.",
+        "Why do they need so much of it in winter?",
+        "What does a queen bee do all day?",
+        "How do beekeepers collect the honey without harming the hive?",
+        "Are wild bees in danger, and why?",
+        "Give me a one-line recap of what we discussed.",
+    ],
 ]
 
 
@@ -46,9 +58,9 @@ async def _chats(turns: int) -> list[float]:
     chats = [model.conversation(), model.conversation()]
     firsts = []
     for turn in range(turns):
-        for chat in chats:
+        for questions, chat in zip(QUESTIONS, chats, strict=True):
             started = time.perf_counter()
-            response = chat.prompt(QUESTIONS[turn % len(QUESTIONS)], max_tokens=24, fresh=False)
+            response = chat.prompt(questions[turn % len(questions)], max_tokens=24, fresh=False)
             async for _chunk in response:
                 if turn:
                     firsts.append(time.perf_counter() - started)

@@ -315,6 +315,28 @@ async def test_a_conversation_goes_back_to_the_worker_that_served_its_last_turn(
     await blocker
 
 
+@pytest.mark.parametrize("kind", ["process", "thread"])
+async def test_two_chats_begun_one_at_a_time_keep_a_worker_each(monkeypatch, kind):
+    """A conversation's first turn takes an idle worker that holds no
+    conversation, not the one another chat just used: two chats taking turns
+    one prompt at a time (people chatting with a server) keep a worker each."""
+    monkeypatch.setenv("LLM_ASYNC_POOL", kind)
+    monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "2")
+    monkeypatch.setenv("LLM_ASYNC_POOL_IDLE_TIMEOUT", "322")
+    model = probe()
+    await asyncio.gather(*(model.prompt("warm", chunks=2, delay=0.1).text() for _ in range(2)))
+    chats = [model.conversation() for _ in range(2)]
+    where = {0: [], 1: []}
+    for _ in range(3):
+        for i in (0, 1):
+            response = chats[i].prompt(f"chat {i}", chunks=1)
+            await response.text()
+            seen = await response.json()
+            where[i].append((seen["pid"], seen["instance"]))
+    assert len(set(where[0])) == 1 and len(set(where[1])) == 1, where
+    assert where[0][0] != where[1][0], where
+
+
 async def test_an_async_app_looking_a_model_up_starts_the_zygote_before_its_first_prompt(
     monkeypatch,
 ):

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -347,23 +347,27 @@ class Placement:
         return waiting[0] if waiting else None
 
     def _idle_slot(self, key: str, affinity: Hashable | None) -> Any:
-        """An idle worker with the model: the conversation's own; else the most
-        recent one that holds no conversation; else the one whose conversation
-        went quiet longest (the others may be continued soon)."""
-        idle = self._idle_with.get(key)
-        if not idle:
-            return None
-        if affinity is not None:
-            for slot in idle:
-                if slot.served == affinity:
-                    return slot
-        for slot in reversed(idle):
-            if slot.served is None:
-                return slot
-        return next(iter(idle))
+        return pick_idle(list(self._idle_with.get(key) or ()), lambda s: s.served, affinity)
 
     def _unidle(self, slot: Any) -> None:
         if slot in self._idle:
             del self._idle[slot]
             for key in slot.models:
                 self._idle_with.get(key, {}).pop(slot, None)
+
+
+def pick_idle(
+    idle: Sequence[Any], served: Callable[[Any], Hashable | None], affinity: Hashable | None
+) -> Any:
+    """Of the idle workers (or thread-mode instances) with a model, oldest first:
+    the conversation's own; else the most recent one that holds no conversation;
+    else the one whose conversation went quiet longest (the others may be
+    continued soon). The thread pool uses it too."""
+    if affinity is not None:
+        for worker in idle:
+            if served(worker) == affinity:
+                return worker
+    for worker in reversed(idle):
+        if served(worker) is None:
+            return worker
+    return idle[0] if idle else None

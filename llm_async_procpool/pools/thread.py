@@ -32,6 +32,7 @@ from ..runner import run_job
 from ..wire import key_model_id
 from ..worker import class_name, registry
 from .base import Pool, Task, WorkerInfo, memory
+from .placement import pick_idle
 from .reactor import Reactor
 from .run import Run
 
@@ -194,11 +195,9 @@ class ThreadPool(Pool):
                 if self.closed or control.cancelled(seq):
                     return None, False
                 if state.free:
-                    for instance in state.free:
-                        if affinity is not None and state.served.get(id(instance)) == affinity:
-                            state.free.remove(instance)
-                            return instance, False
-                    return state.free.pop(), False
+                    instance = pick_idle(state.free, lambda i: state.served.get(id(i)), affinity)
+                    state.free.remove(instance)
+                    return instance, False
                 if not state.loading and state.count < self._size:
                     fresh = model if state.count == 0 else None
                     if fresh is None and state.loaded:
