@@ -2,6 +2,7 @@
 
     python -m benchmarks.local                  # what is installed, 3 rounds
     python -m benchmarks.local --only bench-blas --rounds 5
+    python -m benchmarks.local --only smol-long --concurrency 1 --no-lag
 
 Workloads, each skipped when its library is missing (torch and
 llama-cpp-python are too heavy for CI, so this never runs there):
@@ -135,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,2,4")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--only", help="comma-separated workloads")
+    parser.add_argument(
+        "--no-lag",
+        action="store_true",
+        help="no heartbeat measuring the loop's lag (it wakes the loop every millisecond)",
+    )
     args = parser.parse_args(argv)
     register_plugin()
     register_local()
@@ -149,7 +155,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         contenders = HEAVY.get(name, CONTENDERS)
         report = bench.run(
-            workload, counts, args.rounds, args.workers, contenders, bench_report.progress_bar()
+            workload,
+            counts,
+            args.rounds,
+            args.workers,
+            contenders,
+            bench_report.progress_bar(),
+            lag=not args.no_lag,
         )
         report["one_process"] = one_process(workload)
         report["pool"] = pool_memory(workload, args.workers)

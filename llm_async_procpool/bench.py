@@ -86,12 +86,16 @@ def _run_serial(model: llm.Model, workload: Workload, count: int) -> Sample:
     return sample
 
 
-async def _run_async(model: llm.AsyncModel, workload: Workload, count: int, name: str) -> Sample:
+async def _run_async(
+    model: llm.AsyncModel, workload: Workload, count: int, name: str, lag: bool = True
+) -> Sample:
+    """``lag``: measure the loop's lag with a heartbeat (it wakes the loop every
+    millisecond: on 2 cores, a cost to models that use both)."""
     sample = Sample(name, count, repeat=workload.repeat)
     stop = asyncio.Event()
 
     async def heartbeat():
-        while not stop.is_set():
+        while lag and not stop.is_set():
             begun = time.perf_counter()
             await asyncio.sleep(HEARTBEAT)
             sample.lag.append(time.perf_counter() - begun - HEARTBEAT)
@@ -138,8 +142,9 @@ _ceiling_model: llm.Model | None = None  # set in ceiling pool workers only
 class Contenders:
     """Everything the contenders need, built once per bench run."""
 
-    def __init__(self, model_id: str, workers: int, names: Iterable[str]):
+    def __init__(self, model_id: str, workers: int, names: Iterable[str], lag: bool = True):
         self.sync_model = llm.get_model(model_id)
+        self.lag = lag
         self.workers = workers
         self.names = list(names)
         self.ceiling = None
@@ -197,7 +202,7 @@ class Contenders:
                 except ImportError:
                     return Sample(name, count, error="not installed")
             model = self.async_model(name)
-            return asyncio.run(_run_async(model, workload, count, name))
+            return asyncio.run(_run_async(model, workload, count, name, self.lag))
         except Exception as error:
             message = " ".join(f"{type(error).__name__}: {error}".split())
             return Sample(name, count, error=message)
@@ -211,6 +216,7 @@ def run(
     workers: int | None = None,
     contenders: Iterable[str] = DEFAULT_CONTENDERS,
     progress: Callable[[str], None] | None = None,
+    lag: bool = True,
 ) -> dict[str, Any]:
     """Measure every contender at every concurrency, interleaved, ``rounds`` times."""
     from .pools import shutdown_pools
@@ -220,7 +226,7 @@ def run(
     os.environ["LLM_ASYNC_POOL_WORKERS"] = str(workers)
     shutdown_pools()
     names = [n for n in CONTENDERS if n in set(contenders)]
-    bench = Contenders(workload.model_id, workers, names)
+    bench = Contenders(workload.model_id, workers, names, lag)
     try:
         starts = _start_times(bench, workload, names)
         for name in names:  # start every worker, so round 1 is warm too
