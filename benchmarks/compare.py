@@ -10,6 +10,8 @@ A sample warms the process pool (2 workers) and then times a batch of
 prompts at each concurrency, with a heartbeat on the event loop measuring
 its lag. Only llm's public API and ``benchmarks/models.py`` are used, so any
 two versions compare. Prints medians with their range, and new ÷ old.
+``--first-chunk`` also times the warm first chunk of 300 one-token prompts,
+one at a time (the median per sample).
 """
 
 from __future__ import annotations
@@ -68,13 +70,23 @@ async def main():
         await beat
         lags.sort()
         out[concurrency] = ({prompts} / took, lags[int(len(lags) * 0.99)] * 1000)
+    if {first_chunk}:
+        tiny, firsts = llm.get_async_model("bench-gil"), []
+        for _ in range(300):
+            started = time.perf_counter()
+            async for _chunk in tiny.prompt("x", tokens=1, work=0):
+                firsts.append(time.perf_counter() - started)
+                break
+        out[0] = (statistics.median(firsts) * 1000, 0.0)
     print(json.dumps(out))
 
 asyncio.run(main())
 """
 
 
-def sample(tree: Path, model: str, concurrency: list[int], prompts: int) -> dict:
+def sample(
+    tree: Path, model: str, concurrency: list[int], prompts: int, first_chunk: bool = False
+) -> dict:
     prompt, options = WORKLOADS[model]
     script = SCRIPT.format(
         root=str(tree),
@@ -83,6 +95,7 @@ def sample(tree: Path, model: str, concurrency: list[int], prompts: int) -> dict
         options=options,
         concurrency=concurrency,
         prompts=prompts,
+        first_chunk=first_chunk,
     )
     env = {
         **os.environ,
@@ -105,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=48)
     parser.add_argument("--concurrency", default="1,8")
     parser.add_argument("--only", default=",".join(WORKLOADS))
+    parser.add_argument("--first-chunk", action="store_true", help="also the warm first chunk")
     args = parser.parse_args(argv)
     trees = {"old": args.old.resolve(), "new": ROOT}
     concurrency = [int(c) for c in args.concurrency.split(",")]
@@ -114,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         samples: dict[str, list[dict]] = {name: [] for name in trees}
         for _ in range(args.rounds):
             for name, tree in trees.items():
-                samples[name].append(sample(tree, model, concurrency, args.prompts))
+                samples[name].append(
+                    sample(tree, model, concurrency, args.prompts, args.first_chunk)
+                )
         for c in concurrency:
             line = f"{model:<13} {c} at once:"
             medians = {}
@@ -127,6 +143,13 @@ def main(argv: list[str] | None = None) -> int:
                     f" lag p99 {statistics.median(lags):5.1f} ms"
                 )
             print(f"{line}  new/old {medians['new'] / medians['old']:.2f}x")
+        if args.first_chunk:
+            line = f"{model:<13} warm first chunk p50:"
+            for name in trees:
+                firsts = [one[0][0] for one in samples[name]]
+                line += f"  {name} {statistics.median(firsts):.3f} ms"
+                line += f" ({min(firsts):.3f}-{max(firsts):.3f})"
+            print(line)
     return 0
 
 
