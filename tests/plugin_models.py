@@ -405,7 +405,9 @@ class FakeLlama(llm.Model):
         import llama_cpp
 
         if self.llama is None:
-            self.llama = llama_cpp.Llama()
+            chosen = os.environ.get("PROBE_LLAMA_THREADS")  # the plugin sizes it itself
+            counts = {"n_threads": int(chosen), "n_threads_batch": int(chosen)} if chosen else {}
+            self.llama = llama_cpp.Llama(**counts)
         self.llama.eval(prompt.prompt.split())
         yield f"{os.getpid()} "
         if prompt.options.evaluated:
