@@ -190,7 +190,7 @@ def render(report: dict) -> str:
         lines.append(
             f"Pool: {s['pool']}; process workers: {workers}; threads per worker: {threads}; "
             f"process pool {s['process_pool']}; sharing a model's memory: "
-            f"{s['share']}"
+            f"{'on' if s['share'] else 'off'}"
         )
         lines.append(
             f"API-backed models in auto mode: threads, up to {s['api_workers']} at once"

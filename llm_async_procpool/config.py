@@ -43,7 +43,7 @@ class PoolSettings:
     max_tasks: int | None = None
     nice: int = DEFAULT_NICE
     threads: int | None = None  # per worker; None: auto
-    share: str = "auto"  # templates: "auto" (when they save memory or time), "on", "off"
+    share: bool = True
     ray_address: str | None = None
     ray_gpus: float = 0.0
     preload: tuple[str, ...] = ()  # modules the zygote imports
@@ -160,7 +160,7 @@ def _parse(raw: tuple[str, ...]) -> Settings:
         max_tasks=_number(env, "LLM_ASYNC_POOL_MAX_TASKS", int, None, 0, 10**9),
         nice=_number(env, "LLM_ASYNC_POOL_NICE", int, DEFAULT_NICE, 0, 19, zero_ok=True),
         threads=_threads(env),
-        share=_share(env),
+        share=_flag(env, "LLM_ASYNC_POOL_SHARE", True),
         ray_address=(
             env["LLM_ASYNC_POOL_RAY_ADDRESS"].strip() or env["RAY_ADDRESS"].strip() or None
         ),
@@ -224,17 +224,15 @@ def _threads(env: dict[str, str]) -> int | None:
     return _number(env, "LLM_ASYNC_POOL_THREADS", int, None, 0, MAX_THREADS)
 
 
-def _share(env: dict[str, str]) -> str:
-    raw = env["LLM_ASYNC_POOL_SHARE"].strip().lower()
-    if raw in ("", "auto"):
-        return "auto"
+def _flag(env: dict[str, str], name: str, default: bool) -> bool:
+    raw = env[name].strip().lower()
+    if not raw:
+        return default
     if raw in ("1", "on", "true", "yes"):
-        return "on"
+        return True
     if raw in ("0", "off", "false", "no"):
-        return "off"
-    raise PoolConfigError(
-        f"LLM_ASYNC_POOL_SHARE={env['LLM_ASYNC_POOL_SHARE']!r} is not valid: use auto, on or off"
-    )
+        return False
+    raise PoolConfigError(f"{name}={env[name]!r} is not valid: use on or off")
 
 
 def _models(env: dict[str, str]) -> tuple[tuple[str, str], ...]:

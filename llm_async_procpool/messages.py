@@ -159,7 +159,6 @@ class Boot:
     path: list[str] = field(default_factory=list)  # the app's sys.path
     cwd: str = ""
     preload: list[str] = field(default_factory=list)  # LLM_ASYNC_POOL_PRELOAD
-    share: str = "auto"  # LLM_ASYNC_POOL_SHARE: "on" keeps a template that saves little
     inherited: bool = False  # forked from the app: it holds the app's own classes
 
 

@@ -50,7 +50,7 @@ def status() -> dict[str, Any]:
             "max_tasks": pool.max_tasks,
             "max_memory_mb": pool.max_memory,
             "nice": pool.nice,
-            "share": pool.share if CAN_SHARE else "off",
+            "share": pool.share and CAN_SHARE,
             "api_workers": settings.api_workers,
             "models": dict(settings.models),
             "process_pool": "available" if CAN_FORK else "not available on this platform",

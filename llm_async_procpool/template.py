@@ -11,14 +11,8 @@ with every native thread pool held to one thread. Then:
   memory (the weights, the imported libraries) copy-on-write.
   ``gc.freeze()`` keeps Python's collector from touching, and so copying,
   those pages;
-- otherwise it becomes an ordinary worker, with the model already loaded,
-  and serves the waiting prompt itself. That is also the case, unless
-  ``LLM_ASYNC_POOL_SHARE=on``, when a template would save little: the load
-  took under ``WORTH_SECONDS`` and added under ``WORTH_BYTES`` of anonymous
-  memory (a GGUF model's weights are mapped from its file, which the page
-  cache shares anyway). Each worker then loads its own copy, and the first
-  prompt is spared a fork and the copy-on-write faults of a forked worker's
-  first run. Forking is not safe when loading the model left threads running (a torch or
+- otherwise it becomes an ordinary worker, with the model already loaded.
+  Forking is not safe when loading the model left threads running (a torch or
   OpenMP pool, a plugin's own thread: a fork copies their memory without
   them), or opened a socket, pipe or other channel (every forked worker
   would share it, and read the others' replies), or when the warm-up failed
@@ -36,19 +30,12 @@ import os
 import pickle
 import socket
 import sys
-import time
 from typing import Any
 
 from . import channel, child, forks, llama, threads, worker
 from .cells import Control, local
 from .messages import Boot, Done, NeedModel, Warmed
 from .runner import run_job
-
-#: With ``LLM_ASYNC_POOL_SHARE=auto``, a template is kept when loading the model
-#: added this much anonymous memory, which its workers then share...
-WORTH_BYTES = 64 * 2**20
-#: ...or took this long, which each worker forked from it then saves.
-WORTH_SECONDS = 1.0
 
 
 class _StopAtFirstChunk:
@@ -96,13 +83,10 @@ def main(
     if not threads.user_pinned(boot.environ):  # a model built in the warm-up sizes by it
         threads.patch_cpu_count(lambda: 1)
     server = worker.Worker(boot, cells, index, jobs, events, models)
-    before, anonymous, started = _descriptors(), _anonymous(), time.monotonic()
+    before = _descriptors()
     problem, threads_left = _warm_up(server, sock)
-    took, opened, after = time.monotonic() - started, _opened_since(before), _anonymous()
-    grew = None if anonymous is None or after is None else max(0, after - anonymous)
-    safe = not problem and not opened and threads.forkable(openblas)
-    small = safe and boot.share == "auto" and _saves_little(grew, took)
-    shareable = safe and not small
+    opened = _opened_since(before)
+    shareable = not problem and not opened and threads.forkable(openblas)
     if problem:
         reason = f"its warm-up prompt failed in the template ({problem})"
     elif opened:
@@ -110,12 +94,7 @@ def main(
             f"loading it opened {', '.join(opened)}, which every worker forked from "
             "it would share (each could read the others' replies)"
         )
-    elif small:
-        reason = (
-            f"it loads in {took:.1f} s into {grew / 2**20:.0f} MB of private memory, so "
-            "each worker loads its own (LLM_ASYNC_POOL_SHARE=on shares it anyway)"
-        )
-    elif not safe:
+    elif not shareable:
         reason = (
             f"loading it left {threads_left - 1} more thread(s) running (a torch, OpenMP "
             "or plugin thread pool), and forking would copy their memory without them"
@@ -165,22 +144,6 @@ def _warm_up(server: worker.Worker, sock: socket.socket) -> tuple[str, int]:
     if type(result) is not Done and type(result.error) is not llama.Loaded:
         problem = f"{type(result.error).__name__}: {result.error}"
     return problem, threads.threads_now()
-
-
-def _saves_little(grew: int | None, took: float) -> bool:
-    return grew is not None and grew < WORTH_BYTES and took < WORTH_SECONDS
-
-
-def _anonymous() -> int | None:
-    """This process's anonymous memory, in bytes (None where it cannot be read)."""
-    try:
-        with open("/proc/self/smaps_rollup") as rollup:
-            for line in rollup:
-                if line.startswith("Anonymous:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def _descriptors() -> dict[int, tuple[str, int]]:

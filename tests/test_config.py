@@ -28,7 +28,7 @@ from llm_async_procpool import PoolConfigError, config
         ("LLM_ASYNC_POOL_NICE", "-1", "an integer >= 0 and <= 19"),
         ("LLM_ASYNC_POOL_THREADS", "many", "an integer > 0"),
         ("LLM_ASYNC_POOL_LOAD_TIMEOUT", "0", "a number of seconds > 0"),
-        ("LLM_ASYNC_POOL_SHARE", "maybe", "use auto, on or off"),
+        ("LLM_ASYNC_POOL_SHARE", "maybe", "use on or off"),
         ("LLM_ASYNC_POOL_MODELS", "probe=thread", "a JSON object"),
         ("LLM_ASYNC_POOL_MODELS", '{"probe": "gpu"}', "a JSON object"),
         ("LLM_ASYNC_POOL_MODELS", '{"nope": "thread"}', "names 'nope', which is not an installed"),
@@ -57,7 +57,7 @@ async def test_models_may_be_named_by_alias(monkeypatch):
 
 def test_defaults_and_valid_values():
     assert config.load({}) == config.Settings()
-    assert config.load({}).pool == config.PoolSettings(workers=None, threads=None, share="auto")
+    assert config.load({}).pool == config.PoolSettings(workers=None, threads=None, share=True)
     settings = config.load(
         {
             "LLM_ASYNC_POOL": " Thread ",
@@ -73,7 +73,7 @@ def test_defaults_and_valid_values():
             "LLM_ASYNC_POOL_MODELS": '{"markov": "process"}',
         }
     )
-    assert settings.pool == config.PoolSettings("thread", 3, 60.0, 100, 0, 2, "off")
+    assert settings.pool == config.PoolSettings("thread", 3, 60.0, 100, 0, 2, False)
     assert (settings.timeout, settings.grace, settings.load_timeout) == (2.5, 0.0, 1000.0)
     assert settings.models == (("markov", "process"),)
 

@@ -88,39 +88,6 @@ async def test_workers_share_one_copy_of_the_weights(monkeypatch):
     assert pool.sharing()["probe-weights"].startswith("shared from template pid")
 
 
-@pytest.mark.parametrize(
-    ("megabytes", "seconds", "shared"), [(8, 0.0, False), (96, 0.0, True), (8, 1.2, True)]
-)
-async def test_auto_keeps_a_template_only_where_it_saves_memory_or_time(
-    monkeypatch, tmp_path, megabytes, seconds, shared
-):
-    """LLM_ASYNC_POOL_SHARE=auto, the default: a model that loads quickly into
-    little private memory (a GGUF model, whose weights are mapped from the file)
-    gains nothing from a template, so the candidate serves the first prompt
-    itself and each worker loads its own. A big or slow load is shared."""
-    log = tmp_path / "loads.log"
-    monkeypatch.setenv("PROBE_LOAD_LOG", str(log))
-    monkeypatch.setenv("PROBE_WEIGHTS_MB", str(megabytes))
-    monkeypatch.setenv("PROBE_LOAD_SECONDS", str(seconds))
-    monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "2")
-    idle = 420.0 + megabytes + seconds  # a pool of its own
-    monkeypatch.setenv("LLM_ASYNC_POOL_IDLE_TIMEOUT", str(idle))
-    first = await asyncio.wait_for(weights().prompt("0").text(), 60)
-    both = [weights().prompt(str(i), pause=0.3).text() for i in range(2)]
-    texts = await asyncio.wait_for(asyncio.gather(*both), 60)
-    assert len({t.split()[2] for t in texts}) == 2  # two workers served them
-    loads = [json.loads(line) for line in log.read_text().splitlines()]
-    sharing = process_pool(idle_timeout=idle).sharing()["probe-weights"]
-    if shared:
-        assert sharing.startswith("shared from template pid"), sharing
-        assert len(loads) == 1  # in the template
-    else:
-        assert sharing.startswith("not shared: it loads in 0."), sharing
-        assert "LLM_ASYNC_POOL_SHARE=on shares it anyway" in sharing
-        assert len(loads) == 2  # one per worker
-        assert loads[0][0] == int(first.split()[2])  # the candidate served the first prompt
-
-
 @pytest.mark.parametrize("share", ["on", "off"])
 async def test_four_first_prompts_load_the_model_once_at_a_time(monkeypatch, tmp_path, share):
     log = tmp_path / "loads.log"
@@ -320,31 +287,26 @@ def test_preloaded_modules_are_in_every_worker_from_the_start(tmp_path):
     assert result.stdout.strip() == "['wave']"
 
 
-@pytest.mark.parametrize("share", ["on", "auto"])
-async def test_a_llama_cpp_template_stops_its_warm_up_once_the_context_is_built(monkeypatch, share):
+async def test_a_llama_cpp_template_stops_its_warm_up_once_the_context_is_built(monkeypatch):
     """Building the context is the load: the template's warm-up ends at its first
     eval, so the first prompt does not wait for a warm-up prompt on one thread.
-    The worker forked from it (``on``), or the candidate itself serving as the
-    worker (``auto``: this context is small), has evaluated only its own
-    prompt's tokens."""
+    The worker forked from it has evaluated only its own prompt's tokens."""
     from llm_async_procpool.status import status
 
     fakes = os.path.join(os.path.dirname(__file__), "fakes")
     monkeypatch.syspath_prepend(fakes)  # before the pool (and its zygote) starts
     monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "1")
-    monkeypatch.setenv("LLM_ASYNC_POOL_SHARE", share)
-    monkeypatch.setenv("LLM_ASYNC_POOL_IDLE_TIMEOUT", "417" if share == "on" else "424")
+    monkeypatch.setenv("LLM_ASYNC_POOL_IDLE_TIMEOUT", "417")
     model = llm.get_async_model("probe-llama")
     first = await model.prompt("one two three", evaluated=True).text()
     second = await model.prompt("four five", evaluated=True).text()
     assert first.split()[1] == "3"  # the warm-up's "hello" was never evaluated
     assert second.split()[1] == "5"  # and the context goes on evaluating as usual
     (report,) = [p for p in status()["live_pools"] if p["size"] == 1 and p["pool"] == "process"]
-    expected = "shared from template" if share == "on" else "not shared: it loads in"
-    assert report["sharing"]["probe-llama"].startswith(expected), report
+    assert report["sharing"]["probe-llama"].startswith("shared from template"), report
 
 
-@pytest.mark.parametrize("share", ["on", "off", "auto"])
+@pytest.mark.parametrize("share", ["on", "off"])
 async def test_a_llama_cpp_context_gets_every_core_alone_and_its_share_when_busy(
     monkeypatch, share
 ):
@@ -355,8 +317,7 @@ async def test_a_llama_cpp_context_gets_every_core_alone_and_its_share_when_busy
     monkeypatch.syspath_prepend(fakes)  # before the pool (and its zygote) starts
     monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "2")
     monkeypatch.setenv("LLM_ASYNC_POOL_SHARE", share)
-    idle = {"on": "418", "off": "419", "auto": "425"}[share]
-    monkeypatch.setenv("LLM_ASYNC_POOL_IDLE_TIMEOUT", idle)
+    monkeypatch.setenv("LLM_ASYNC_POOL_IDLE_TIMEOUT", "418" if share == "on" else "419")
     model = llm.get_async_model("probe-llama")
 
     async def counts(how_many, pause):

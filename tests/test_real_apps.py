@@ -393,7 +393,6 @@ async def test_a_template_death_says_so_in_the_errors_of_its_workers_prompts(mon
     from llm_async_procpool import WorkerCrashed, live_pools
 
     monkeypatch.setenv("LLM_ASYNC_POOL_IDLE_TIMEOUT", "433")
-    monkeypatch.setenv("LLM_ASYNC_POOL_SHARE", "on")  # a template for its 8 MB
     model = llm.get_async_model("probe-weights")
     assert (await model.prompt("warm").text()).startswith("loaded in")
     (pool,) = [p for p in live_pools() if p.settings.idle_timeout == 433]

@@ -66,7 +66,7 @@ class ProcessPool(Pool):
     # ------------------------------------------------------------ submitting
     def enqueue(self, task: Task) -> None:
         task.context = self.current_context()
-        can_share = self.settings.share != "off" and launch.CAN_SHARE and not api_backed(task.model)
+        can_share = self.settings.share and launch.CAN_SHARE and not api_backed(task.model)
         self.act(self.placement.submit(task, can_share))
 
     def prepare(self) -> None:

@@ -87,7 +87,6 @@ class Supply:
                 path=list(sys.path),
                 cwd=context.cwd,
                 preload=list(settings.preload),
-                share=settings.share,
             )
             self._zygote = launch.Zygote(boot, self.cells_fd, self.cells)
             self._ready = False
