@@ -9,8 +9,7 @@ finds it. Two uses:
   fixes a context's thread counts when it is built, from the CPU count, and
   ``llama_set_n_threads`` changes them. Each gets llama-cpp-python's own
   defaults for the share: half of it (at least one) for generation, all of it
-  for a prompt's batch. A context built with ``n_threads`` or
-  ``n_threads_batch`` keeps what its plugin chose;
+  for a prompt's batch;
 - a template's warm-up ends at the context's first ``eval`` (``Loaded``):
   building the context is the load, and the warm-up prompt it would then
   evaluate on one thread is time the first prompt waits for.
@@ -48,8 +47,6 @@ class Contexts:
         self.seen = built.count
         generation = max(share // 2, 1)
         for llama in list(built.instances):
-            if getattr(llama, "_llm_async_pool_chosen", False):
-                continue
             try:
                 llama._ctx.set_n_threads(generation, share)
             except Exception:  # not a llama-cpp-python we know, or a closed context
@@ -99,10 +96,6 @@ def _record(module: Any, warming_up: bool) -> None:
 
     def __init__(llama: Any, *args: Any, **kwargs: Any) -> None:
         build(llama, *args, **kwargs)
-        # thread counts the plugin chose are its own; only defaults follow the share
-        llama._llm_async_pool_chosen = bool(
-            kwargs.get("n_threads") or kwargs.get("n_threads_batch")
-        )
         built.instances.add(llama)
         built.count += 1
 

@@ -405,9 +405,7 @@ class FakeLlama(llm.Model):
         import llama_cpp
 
         if self.llama is None:
-            chosen = os.environ.get("PROBE_LLAMA_THREADS")  # the plugin sizes it itself
-            counts = {"n_threads": int(chosen), "n_threads_batch": int(chosen)} if chosen else {}
-            self.llama = llama_cpp.Llama(**counts)
+            self.llama = llama_cpp.Llama()
         self.llama.eval(prompt.prompt.split())
         yield f"{os.getpid()} "
         if prompt.options.evaluated:

@@ -334,14 +334,3 @@ async def test_a_llama_cpp_context_gets_every_core_alone_and_its_share_when_busy
     assert {threads for _, threads in both} == {(max(share_each // 2, 1), share_each)}
     (alone,) = await counts(1, 0.0)
     assert alone[1] == (max(CORES // 2, 1), CORES)
-
-
-async def test_a_llama_cpp_context_sized_by_its_plugin_keeps_its_counts(monkeypatch):
-    """A plugin that passes ``n_threads`` chose them: the budget leaves them."""
-    fakes = os.path.join(os.path.dirname(__file__), "fakes")
-    monkeypatch.syspath_prepend(fakes)
-    monkeypatch.setenv("PROBE_LLAMA_THREADS", "3")
-    monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "2")
-    monkeypatch.setenv("LLM_ASYNC_POOL_IDLE_TIMEOUT", "426")
-    text = await asyncio.wait_for(llm.get_async_model("probe-llama").prompt("x").text(), 60)
-    assert tuple(json.loads(text.split(" ", 1)[1])) == (3, 3)
