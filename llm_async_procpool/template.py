@@ -12,11 +12,12 @@ with every native thread pool held to one thread. Then:
   ``gc.freeze()`` keeps Python's collector from touching, and so copying,
   those pages;
 - otherwise it becomes an ordinary worker, with the model already loaded.
-  Forking is not safe when loading the model left threads running (a torch or
-  OpenMP pool, a plugin's own thread: a fork copies their memory without
-  them), or opened a socket, pipe or other channel (every forked worker
-  would share it, and read the others' replies), or when the warm-up failed
-  (there is nothing to share).
+  Forking is not safe when loading the model left threads running (a plugin's
+  own thread, a torch pool: a fork copies their memory without them; GNU
+  OpenMP's pool is ended first, see ``threads.forkable``), or opened a
+  socket, pipe or other channel (every forked worker would share it, and
+  read the others' replies), or when the warm-up failed (there is nothing to
+  share).
 
 The warm-up ``Job`` comes on the job pipe, as any job does. On its socket the
 template answers ``NeedModel`` (send the model pickled) or ``Warmed``, then

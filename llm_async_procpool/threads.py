@@ -20,6 +20,7 @@ on two cores would then run four compute threads, and every worker loses.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import sys
@@ -36,6 +37,8 @@ KNOBS = (
     "NUMEXPR_NUM_THREADS",
     "VECLIB_MAXIMUM_THREADS",
 )
+#: ``omp_pause_hard``: an OpenMP runtime ends its threads (see ``pause_openmp``).
+OMP_PAUSE_HARD = 2
 #: Modules whose presence means a native thread pool may need resizing.
 NATIVE = ("torch", "numpy", "scipy", "llama_cpp", "sklearn")
 
@@ -136,17 +139,42 @@ def forkable(openblas: int = 0) -> bool:
     again after it. ``openblas``: how many such threads it had before someone
     lowered OpenBLAS's count (its threads stay, parked).
 
-    Threads are told apart only by their count, so once an OpenMP runtime is
-    loaded (torch, llama.cpp, MKL), any extra thread may be one of its pool's:
-    a child forked then hangs at its first parallel region.
+    Threads are told apart only by their count, so an OpenMP runtime's pool
+    (torch's, llama.cpp's) would pass for OpenBLAS's threads, and a child
+    forked with it hangs at its first parallel region. So this thread's OpenMP
+    pool is ended first (``pause_openmp``); where it cannot be, a process with
+    an OpenMP runtime loaded and any extra thread is not forked.
     """
     extra = threads_now() - 1
     if extra == 0:
         return True
     pools = _threadpools()
     if any(info.get("user_api") == "openmp" for info in pools):
-        return False
+        if not pause_openmp(pools):
+            return False
+        extra = threads_now() - 1
     return extra <= max(openblas, _openblas_threads(pools))
+
+
+def pause_openmp(pools: list[dict]) -> bool:
+    """End this thread's GNU OpenMP pool (``omp_pause_resource_all``, OpenMP 5.0):
+    its threads exit now, and the next parallel region starts them again (a
+    fraction of a millisecond). True when every OpenMP runtime loaded here is
+    GNU's and did so."""
+    for info in pools:
+        if info.get("user_api") != "openmp":
+            continue
+        if info.get("prefix") != "libgomp":
+            return False  # LLVM's or Intel's: not tried here
+        try:
+            runtime = ctypes.CDLL(info["filepath"], mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+            pause = runtime.omp_pause_resource_all
+        except (OSError, AttributeError, KeyError):
+            return False
+        pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
+        if pause(OMP_PAUSE_HARD) != 0:  # called from inside a parallel region
+            return False
+    return True
 
 
 def openblas_threads() -> int:

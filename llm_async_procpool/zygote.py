@@ -7,8 +7,10 @@ imported, and never from the app itself, whose threads, descriptors and
 signal handlers are not ours to copy. It starts one of two ways:
 
 - **forked from the app** while the app has a single thread (a fresh ``llm``
-  CLI run, a plain script): instant, and it holds the app's own classes. It
-  then lets go of the app's signals and descriptors (``child.detach_from_app``);
+  CLI run, a plain script), or only OpenBLAS's threads besides (which stop
+  for a fork) once its GNU OpenMP pool is ended (``threads.forkable``):
+  instant, and it holds the app's own classes. It then lets go of the app's
+  signals and descriptors (``child.detach_from_app``);
 - **executed fresh** (``python -c``) when the app has threads: it imports
   llm, its plugins and ``LLM_ASYNC_POOL_PRELOAD``, but never the app's main
   module, so a script's top-level code never runs in it.

@@ -257,6 +257,55 @@ def test_an_app_with_an_openmp_pool_gets_workers_that_do_not_hang(tmp_path):
     assert lines[1].startswith("parallel in ")
 
 
+@pytest.mark.skipif(not ctypes.util.find_library("gomp"), reason="needs GNU OpenMP (libgomp)")
+def test_an_app_that_ran_openmp_forks_its_zygote_and_its_workers_run_openmp(tmp_path):
+    """An app with a llama.cpp or torch plugin has numpy's OpenBLAS threads and,
+    once it ran a model, OpenMP's pool. The pool ends the OpenMP pool (it
+    starts again when needed) and forks its zygote from the app, instead of
+    executing a fresh one that imports llm and every plugin again."""
+    result, _ = run_script(
+        tmp_path,
+        """
+        import numpy
+        from llm_async_procpool import live_pools, threads
+
+        if __name__ == "__main__":
+            llm.pm.register(plugin_models, name="procpool-test-models")
+            plugin_models.openmp_parallel()
+            print(threads.threads_now() - 1 > threads.openblas_threads(), flush=True)
+            response = llm.get_async_model("probe-openmp").prompt("x")
+            print(asyncio.run(asyncio.wait_for(response.text(), 20)), flush=True)
+            (zygote,) = [w.pid for p in live_pools() for w in p.workers() if w.role == "zygote"]
+            with open(f"/proc/{zygote}/cmdline", "rb") as cmdline:
+                print(b"zygote.main" in cmdline.read())
+            plugin_models.openmp_parallel()  # the app's own OpenMP works on
+            print("app parallel again")
+        """,
+        timeout=90,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    had_openmp_threads, answer, executed, again = result.stdout.splitlines()
+    assert had_openmp_threads == "True"
+    assert answer.startswith("parallel in ")
+    assert executed == "False"  # forked from the app
+    assert again == "app parallel again"
+
+
+async def test_a_model_that_loads_with_openmp_threads_is_shared_from_its_template(monkeypatch):
+    """A load that ran an OpenMP parallel region (as torch and llama.cpp do)
+    leaves GNU OpenMP's pool behind; the template ends it before it forks, so
+    the model is shared, and workers forked from it run parallel regions."""
+    monkeypatch.setenv("LLM_ASYNC_POOL_WORKERS", "2")
+    monkeypatch.setenv("LLM_ASYNC_POOL_IDLE_TIMEOUT", "427")
+    model = llm.get_async_model("probe-openmp")
+    texts = await asyncio.wait_for(
+        asyncio.gather(*(model.prompt(str(i)).text() for i in range(4))), 30
+    )
+    assert all(text.startswith("parallel in ") for text in texts)
+    sharing = process_pool(idle_timeout=427).sharing()["probe-openmp"]
+    assert sharing.startswith("shared from template pid"), sharing
+
+
 def test_preloaded_modules_are_in_every_worker_from_the_start(tmp_path):
     """LLM_ASYNC_POOL_PRELOAD: the forkserver imports them once, so a worker it
     forks has them before any model code runs."""
