@@ -24,6 +24,7 @@ import ctypes
 import multiprocessing
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +40,8 @@ KNOBS = (
 )
 #: ``omp_pause_hard``: an OpenMP runtime ends its threads (see ``pause_openmp``).
 OMP_PAUSE_HARD = 2
+#: Seconds the threads an OpenMP pause ended may take to leave the thread list.
+PAUSE_SETTLE = 0.1
 #: Modules whose presence means a native thread pool may need resizing.
 NATIVE = ("torch", "numpy", "scipy", "llama_cpp", "sklearn")
 
@@ -149,11 +152,15 @@ def forkable(openblas: int = 0) -> bool:
     if extra == 0:
         return True
     pools = _threadpools()
+    allowed = max(openblas, _openblas_threads(pools))
     if any(info.get("user_api") == "openmp" for info in pools):
         if not pause_openmp(pools):
             return False
-        extra = threads_now() - 1
-    return extra <= max(openblas, _openblas_threads(pools))
+        # a joined thread leaves /proc/self/task a moment after its join returns
+        settled = time.monotonic() + PAUSE_SETTLE
+        while (extra := threads_now() - 1) > allowed and time.monotonic() < settled:
+            time.sleep(0.001)
+    return extra <= allowed
 
 
 def pause_openmp(pools: list[dict]) -> bool:
